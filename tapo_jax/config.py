@@ -1,0 +1,466 @@
+"""Typed configuration for tapo-jax.
+
+Every run is described by one :class:`Config` built once in ``main`` and passed down explicitly.
+Configs come from YAML files plus dotted command-line overrides (``model.num_layers=2``).
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and the
+file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible. The message names key and file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Qwen3 dense decoder dimensions (names follow HF ``Qwen3Config``).
+
+    ``preset`` fills every dimension from :mod:`tapo_jax.models.presets` (explicit keys in the same
+    section override the preset). ``hf_path`` loads weights and dimensions from a local HF directory.
+    """
+
+    preset: Optional[str] = None
+    hf_path: Optional[str] = None
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None = hidden_size // num_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 4096
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activation / compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the weights
+    init_std: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh axes. One axis may be -1, meaning 'all remaining devices'."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class SamplingConfig:
+    """Rollout sampling (the engine in :mod:`tapo_jax.sampling`)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k truncation
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    max_prompt_len: int = 256
+    num_slots: int = 64
+    prefill_buckets: tuple[int, ...] = ()  # empty = powers of two
+    # Construction (synthesis) generation budget; 0 = 2 * max_new_tokens.
+    construction_max_new_tokens: int = 0
+    construction_max_prompt_len: int = 0  # 0 = max_prompt_len + 2 * max_new_tokens + 128
+
+
+@dataclass
+class RLConfig:
+    """Algorithm and objective (DESIGN.md section 1). The algorithm is config, not code."""
+
+    algorithm: Literal["grpo", "tapo", "opsd"] = "tapo"
+    num_samples: int = 8  # K responses per query
+    # DCS (difficulty-aware candidate selection)
+    n_pos: int = 2
+    n_neg: int = 4
+    m_max: int = 4
+    # Objective
+    lam: float = 1.0  # weight of the reflection loss
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # clip-higher: e.g. 0.28
+    dual_clip_c: Optional[float] = None
+    adv_eps: float = 1e-6
+    std_normalize: bool = True
+    std_ddof: int = 0
+    loss_agg: Literal[
+        "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "seq-mean-token-mean"
+    ots: bool = True
+    w_min: float = 0.01
+    w_max: float = 10.0
+    # Ablations (paper Tables 3-5)
+    decoupled: bool = True
+    negatives: bool = True
+    construction: Literal["micro", "full", "rule"] = "micro"
+    sft_only: bool = False
+    ref_group_includes_originals: bool = False
+    # Regularisers
+    kl_coef: float = 0.0
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    # Peer options
+    dynamic_sampling: bool = False  # skip groups with zero reward spread, refill the batch
+    max_resample_rounds: int = 3
+    overlong_filter: bool = False  # mask responses cut by the length limit
+    # OPSD (on-policy self-distillation)
+    opsd_beta: float = 0.5
+    opsd_temperature: float = 1.0
+    opsd_top_k: int = 0
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training / evaluation data. ``kind=arithmetic`` is the embedded synthetic task."""
+
+    kind: Literal["arithmetic", "file", "hf"] = "arithmetic"
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    split: str = "train"
+    prompt_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: Optional[str] = None
+    prompt_template: str = "{prompt}"
+    chat_template: bool = True
+    tokenizer_path: Optional[str] = None
+    shuffle: bool = True
+    # arithmetic task knobs
+    num_train: int = 4096
+    num_eval: int = 128
+    min_steps: int = 2
+    max_steps: int = 3
+    operand_min: int = 1
+    operand_max: int = 50
+    operators: str = "+-"
+
+
+@dataclass
+class ColdStartConfig:
+    """Cold-start SFT (ordinary solutions + trajectory-construction examples)."""
+
+    enabled: bool = False
+    steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    construction_fraction: float = 0.5
+    max_len: int = 0  # 0 = derived from the data
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 32  # queries per RL step
+    micro_batch_size: int = 0  # sequences per micro-batch; 0 = whole batch
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    resume: bool = False
+    log_every: int = 1
+    export_hf: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 5  # n per problem
+    k_max: int = 5
+    runs: int = 1  # R independent runs
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 0  # 0 = sampling.max_new_tokens
+    num_problems: int = 0  # 0 = all
+    before_and_after: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "run"
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Building from dicts with type checks
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with the few safe coercions YAML needs)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{source}: '{key}' = {value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' = {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-6 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"{source}: '{key}' has unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str, base: Any = None) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    obj = base if base is not None else cls()
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            near = [n for n in fields if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {near}?)" if near else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{key}.", source, getattr(obj, k))
+        else:
+            kwargs[k] = _coerce(v, tp, key, source)
+    return dataclasses.replace(obj, **kwargs)
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>", base: Config | None = None) -> Config:
+    cfg = _build(Config, data or {}, "", source, base)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML scalars)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        cfg = _build(Config, nested, "", f"override '{item}'", cfg)
+        validate(cfg, f"override '{item}'")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate."""
+    source = "<defaults>"
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        cfg = from_dict(data, source)
+    cfg = resolve_preset(cfg, source)
+    validate(cfg, source)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        cfg = resolve_preset(cfg, "overrides")
+        validate(cfg, "overrides")
+    return cfg
+
+
+def resolve_preset(cfg: Config, source: str) -> Config:
+    """Fill model dimensions from ``model.preset`` for keys the user left at their defaults."""
+    if cfg.model.preset is None:
+        return cfg
+    from tapo_jax.models.presets import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(
+            f"{source}: 'model.preset' = {cfg.model.preset!r} is unknown; known: {sorted(PRESETS)}"
+        )
+    default = ModelConfig()
+    preset = PRESETS[cfg.model.preset]
+    updates = {
+        k: v for k, v in preset.items() if getattr(cfg.model, k) == getattr(default, k)
+    }
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **updates))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of values (impossible combinations)
+# --------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, source: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: '{key}' {msg}")
+
+
+def validate_model(m: ModelConfig, source: str = "<model>") -> None:
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "max_position_embeddings"):
+        _require(getattr(m, k) > 0, source, f"model.{k}", f"must be positive, got {getattr(m, k)}")
+    if m.head_dim is None:
+        _require(
+            m.hidden_size % m.num_heads == 0, source, "model.num_heads",
+            f"= {m.num_heads} must divide model.hidden_size = {m.hidden_size} "
+            "(or set model.head_dim explicitly)",
+        )
+    else:
+        _require(m.head_dim > 0, source, "model.head_dim", f"must be positive, got {m.head_dim}")
+    _require(m.resolved_head_dim % 2 == 0, source, "model.head_dim",
+             f"must be even for rotary embeddings, got {m.resolved_head_dim}")
+    _require(
+        m.num_heads % m.num_kv_heads == 0, source, "model.num_kv_heads",
+        f"= {m.num_kv_heads} must divide model.num_heads = {m.num_heads}",
+    )
+    _require(m.rope_theta > 0, source, "model.rope_theta", "must be positive")
+    _require(m.rms_norm_eps > 0, source, "model.rms_norm_eps", "must be positive")
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    validate_model(cfg.model, source)
+    axes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    _require(sum(a == -1 for a in axes) <= 1, source, "mesh", "may have at most one axis = -1")
+    for name, a in zip(("data", "fsdp", "tensor"), axes):
+        _require(a == -1 or a >= 1, source, f"mesh.{name}", f"must be >= 1 or -1, got {a}")
+    s = cfg.sampling
+    _require(s.temperature >= 0, source, "sampling.temperature", "must be >= 0")
+    _require(0 < s.top_p <= 1, source, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _require(s.top_k >= 0, source, "sampling.top_k", "must be >= 0")
+    _require(0 <= s.min_p < 1, source, "sampling.min_p", "must be in [0, 1)")
+    _require(s.max_new_tokens > 0, source, "sampling.max_new_tokens", "must be positive")
+    _require(s.max_prompt_len > 0, source, "sampling.max_prompt_len", "must be positive")
+    _require(s.num_slots > 0, source, "sampling.num_slots", "must be positive")
+    r = cfg.rl
+    _require(r.num_samples >= 1, source, "rl.num_samples", "must be >= 1")
+    _require(r.n_pos >= 1, source, "rl.n_pos", "must be >= 1")
+    _require(r.n_neg >= 1, source, "rl.n_neg", "must be >= 1")
+    _require(r.n_pos <= r.num_samples, source, "rl.n_pos",
+             f"= {r.n_pos} exceeds rl.num_samples (K) = {r.num_samples}")
+    _require(r.n_neg <= r.num_samples, source, "rl.n_neg",
+             f"= {r.n_neg} exceeds rl.num_samples (K) = {r.num_samples}")
+    _require(r.n_pos + r.n_neg <= r.num_samples, source, "rl.n_neg",
+             f"n_pos + n_neg = {r.n_pos + r.n_neg} exceeds rl.num_samples (K) = {r.num_samples}")
+    _require(r.m_max >= 1, source, "rl.m_max", "must be >= 1")
+    _require(0 <= r.eps_low < 1, source, "rl.eps_low", "must be in [0, 1)")
+    _require(r.eps_high >= 0, source, "rl.eps_high", "must be >= 0")
+    _require(r.dual_clip_c is None or r.dual_clip_c > 1, source, "rl.dual_clip_c", "must be > 1")
+    _require(0 < r.w_min <= r.w_max, source, "rl.w_min", "must satisfy 0 < w_min <= w_max")
+    _require(r.kl_coef >= 0, source, "rl.kl_coef", "must be >= 0")
+    _require(0 <= r.opsd_beta <= 1, source, "rl.opsd_beta", "must be in [0, 1]")
+    _require(r.std_ddof in (0, 1), source, "rl.std_ddof", "must be 0 or 1")
+    o = cfg.optim
+    _require(o.learning_rate > 0, source, "optim.learning_rate", "must be positive")
+    _require(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
+    _require(o.grad_clip > 0, source, "optim.grad_clip", "must be positive")
+    d = cfg.data
+    if d.kind in ("file", "hf"):
+        _require(d.path is not None, source, "data.path", f"is required when data.kind = {d.kind}")
+    _require(1 <= d.min_steps <= d.max_steps, source, "data.min_steps",
+             "must satisfy 1 <= min_steps <= max_steps")
+    _require(d.operand_min <= d.operand_max, source, "data.operand_min", "must be <= operand_max")
+    _require(d.operators != "" and set(d.operators) <= set("+-*"), source, "data.operators",
+             f"must be a non-empty subset of '+-*', got {d.operators!r}")
+    t = cfg.train
+    _require(t.steps >= 0, source, "train.steps", "must be >= 0")
+    _require(t.batch_size >= 1, source, "train.batch_size", "must be >= 1")
+    _require(t.micro_batch_size >= 0, source, "train.micro_batch_size", "must be >= 0")
+    _require(t.ppo_epochs >= 1, source, "train.ppo_epochs", "must be >= 1")
+    _require(t.mini_batches >= 1, source, "train.mini_batches", "must be >= 1")
+    _require(t.checkpoint_every >= 1, source, "train.checkpoint_every", "must be >= 1")
+    _require(t.keep_checkpoints >= 1, source, "train.keep_checkpoints", "must be >= 1")
+    e = cfg.eval
+    _require(e.k_max >= 1, source, "eval.k_max", "must be >= 1")
+    _require(e.num_samples >= e.k_max, source, "eval.num_samples",
+             f"= {e.num_samples} must be >= eval.k_max = {e.k_max} for the unbiased Pass@k")
+    _require(e.runs >= 1, source, "eval.runs", "must be >= 1")
+    c = cfg.cold_start
+    _require(0 <= c.construction_fraction <= 1, source, "cold_start.construction_fraction",
+             "must be in [0, 1]")

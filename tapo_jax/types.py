@@ -1,0 +1,27 @@
+"""Data that flows between modules (DESIGN.md section 2). Plain pytrees, static shapes.
+
+Per-token arrays are aligned with ``tokens``: entry ``[b, t]`` refers to *predicting* ``tokens[b, t]``
+from ``tokens[b, :t]`` (so column 0 is never a trained token and always has ``loss_mask == 0``).
+Rows are right-padded (prompt, then response, then padding).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    tokens: jax.Array  # int32[B, T]
+    positions: jax.Array  # int32[B, T]   position ids (0.. for real tokens)
+    attention_mask: jax.Array  # int32[B, T]   1 = real token (prompt or response)
+    loss_mask: jax.Array  # float32[B, T] 1 = response token that is trained
+    query_index: jax.Array  # int32[B]      query the row answers (0..num_queries-1)
+    is_reflection: jax.Array  # bool[B]       constructed trajectory y_ref vs original rollout
+    rewards: jax.Array  # float32[B]
+    row_mask: jax.Array  # float32[B]    1 = real row, 0 = padding row
+    group_ids: jax.Array  # int32[B]      advantage group (DAE, see rl.assign_group_ids)
+    advantages: jax.Array  # float32[B]    filled by rl.group_advantages before the update
+    old_logprobs: jax.Array  # float32[B, T] rollout-policy log-probs (teacher-forced)
+    ref_logprobs: jax.Array  # float32[B, T] reference-policy log-probs (zeros when unused)
