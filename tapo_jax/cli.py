@@ -1,0 +1,123 @@
+"""The ``tapo-jax`` command line: train, eval, sample, plot, convert, filter.
+
+Every subcommand takes ``--config FILE`` (optional where defaults make sense) followed by dotted
+``key=value`` overrides, e.g. ``tapo-jax train --config configs/demo.yaml train.steps=10``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tapo_jax.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=2")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tapo_jax.train.run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    run_training(cfg)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tapo_jax.train.run import run_evaluation
+
+    cfg = load_config(args.config, args.overrides)
+    run_evaluation(cfg, checkpoint=args.checkpoint, out_dir=args.out)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from tapo_jax.train.run import run_sample
+
+    cfg = load_config(args.config, args.overrides)
+    run_sample(cfg, prompts=args.prompt, n=args.n, checkpoint=args.checkpoint)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from tapo_jax.train.plot import plot_runs
+
+    out = plot_runs(args.run_dirs, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tapo_jax.models.hf import convert_main
+
+    return convert_main(args.rest)
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from tapo_jax.train.run import run_filter
+
+    cfg = load_config(args.config, args.overrides)
+    run_filter(cfg, out_path=args.out, n=args.n, lo=args.lo, hi=args.hi, checkpoint=args.checkpoint)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapo-jax",
+        description="TAPO / GRPO / OPSD / SFT training of Qwen3 models in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="cold start and/or RL training (GRPO, TAPO, OPSD)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="Pass@k, DSR and ERR of a policy on a dataset")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None, help="run dir, checkpoint dir or HF dir")
+    p.add_argument("--out", default=None, help="output directory (default: train.output_dir/eval)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("sample", help="sample completions for prompts")
+    _add_config_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--checkpoint", default=None)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("plot", help="draw the six training-dynamics panels of one or more runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="training_dynamics.png")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("convert", help="convert between HF checkpoints and tapo-jax checkpoints")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="see `tapo-jax convert --help`")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("filter", help="keep problems whose pass rate lies in [lo, hi]")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output JSONL path")
+    p.add_argument("--n", type=int, default=8, help="samples per problem")
+    p.add_argument("--lo", type=float, default=0.125)
+    p.add_argument("--hi", type=float, default=0.875)
+    p.add_argument("--checkpoint", default=None)
+    p.set_defaults(func=_cmd_filter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
