@@ -1,0 +1,48 @@
+"""RL objectives: decoupled group advantages (Eq. 4-5), OTS (Eq. 7), the TAPO loss (Eq. 2, 6, 8),
+KL estimators, entropy and OPSD. See DESIGN.md sections 1 and 3."""
+
+from tapo_jax.rl.advantages import assign_group_ids, group_advantages, tapo_advantages
+from tapo_jax.rl.losses import (
+    AGG_MODES,
+    aggregate,
+    aggregate_terms,
+    chunked_logprobs_and_entropy,
+    clip_indicators,
+    clipped_surrogate,
+    entropy_from_logits,
+    grpo_loss,
+    kl_divergence,
+    logprobs_and_entropy_from_logits,
+    loss_from_terms,
+    merge_loss_terms,
+    metrics_from_terms,
+    opsd_loss,
+    ots_weights,
+    tapo_loss,
+    tapo_loss_denominators,
+    tapo_loss_terms,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "aggregate",
+    "aggregate_terms",
+    "assign_group_ids",
+    "chunked_logprobs_and_entropy",
+    "clip_indicators",
+    "clipped_surrogate",
+    "entropy_from_logits",
+    "group_advantages",
+    "grpo_loss",
+    "kl_divergence",
+    "logprobs_and_entropy_from_logits",
+    "loss_from_terms",
+    "merge_loss_terms",
+    "metrics_from_terms",
+    "opsd_loss",
+    "ots_weights",
+    "tapo_advantages",
+    "tapo_loss",
+    "tapo_loss_denominators",
+    "tapo_loss_terms",
+]
