@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(unsafe_hash=True)  # hashable: stored as a static attribute of the model
 class ModelConfig:
     """Qwen3 dense decoder dimensions (names follow HF ``Qwen3Config``).
 
@@ -111,6 +111,8 @@ class RLConfig:
     decoupled: bool = True
     negatives: bool = True
     construction: Literal["micro", "full", "rule"] = "micro"
+    # synthesis prompt wording: auto = compact for data.kind=arithmetic, natural otherwise
+    synthesis_template: Literal["auto", "compact", "natural"] = "auto"
     sft_only: bool = False
     ref_group_includes_originals: bool = False
     # Regularisers
@@ -287,6 +289,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, base: Any 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     obj = base if base is not None else cls()
+    if cls is ModelConfig and data.get("preset") is not None:
+        # A preset sets every dimension; explicit keys of the same mapping then override it.
+        obj = _apply_preset(obj, data["preset"], source)
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
@@ -341,13 +346,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from e
         cfg = from_dict(data, source)
-    cfg = resolve_preset(cfg, source)
     validate(cfg, source)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-        cfg = resolve_preset(cfg, "overrides")
         validate(cfg, "overrides")
     return cfg
+
+
+def _apply_preset(model: ModelConfig, name: Any, source: str) -> ModelConfig:
+    from tapo_jax.models.presets import PRESETS
+
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(
+            f"{source}: 'model.preset' = {name!r} is unknown; known: {sorted(PRESETS)}")
+    return dataclasses.replace(model, **PRESETS[name])
 
 
 def resolve_preset(cfg: Config, source: str) -> Config:

@@ -1,0 +1,266 @@
+"""Qwen3 dense decoder in Flax NNX, numerically matching HF ``Qwen3ForCausalLM``.
+
+Axis letters used in shapes and einsums:
+  B batch, T new tokens, S keys (T without a cache, cache length with one), L layers,
+  N query heads, K kv heads, G = N // K query heads per kv head, H head dim,
+  D model dim, F mlp dim, V vocab.
+
+Weights keep the HF ``(out, in)`` order, split per head where a head axis exists, so an HF tensor
+becomes ours by a reshape only: ``q_proj`` [N, H, D], ``k_proj``/``v_proj`` [K, H, D], ``o_proj``
+[D, N, H], ``gate_proj``/``up_proj`` [F, D], ``down_proj`` [D, F], ``embed_tokens``/``lm_head``
+[V, D]. Every parameter is a ``weight`` leaf whose module path equals the HF tensor name, and
+carries logical axis names (metadata ``out_sharding``) from ``vocab``, ``embed``, ``mlp``,
+``q_heads``, ``kv_heads``, ``head_dim``, ``norm``; ``sharding.py`` maps them to mesh axes.
+
+Numerics follow HF: RMSNorm statistics in float32 (the normalised value is cast to the compute
+dtype before the weight multiplies it), rotary embeddings with ``rope_theta`` from the config in the
+rotate-half layout (first half / second half of the head dim), ``q_norm``/``k_norm`` per head before
+the rotation, softmax in float32, SwiGLU MLP. Masked attention logits take a large finite negative
+value, so a fully masked query row gives finite (uniform) attention instead of NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tapo_jax.config import ModelConfig
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for S cache slots per row."""
+
+    k: jax.Array  # [L, B, S, K, H] rotary-embedded keys (after k_norm)
+    v: jax.Array  # [L, B, S, K, H]
+    pos: jax.Array  # int32[B, S] position of the token in each slot; -1 = empty
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache with ``max_len`` slots per row."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.full((batch, max_len), -1, jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+    """A bias-free weight of any shape; the caller contracts it with an einsum."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
+                 rngs: nnx.Rngs):
+        value = cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
+        self.weight = nnx.Param(value.astype(cfg.param_dtype), out_sharding=axes,
+                                eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in float32 (HF ``Qwen3RMSNorm``)."""
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        self.eps = cfg.rms_norm_eps
+        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype), out_sharding=("norm",),
+                                eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin, cos float32[B, T, H/2] of the rotary angles positions * theta^(-2i/H)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, H] in the rotate-half layout (pairs i and i + H/2)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with per-head q_norm/k_norm (HF ``Qwen3Attention``)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.hidden_size
+        self.q_proj = Linear((n, h, d), ("q_heads", "head_dim", "embed"), cfg, rngs)
+        self.k_proj = Linear((k, h, d), ("kv_heads", "head_dim", "embed"), cfg, rngs)
+        self.v_proj = Linear((k, h, d), ("kv_heads", "head_dim", "embed"), cfg, rngs)
+        self.o_proj = Linear((d, n, h), ("embed", "q_heads", "head_dim"), cfg, rngs)
+        self.q_norm = RMSNorm(h, cfg)
+        self.k_norm = RMSNorm(h, cfg)
+
+    def __call__(self, x, sin, cos, mask, cache=None, layer=0, slots=None):
+        """x [B, T, D]; mask bool[B, T, S]; cache (k, v) [L, B, S, K, H] written at
+        [layer, b, slots[b, t]]. Returns ([B, T, D], cache)."""
+        dt = x.dtype
+        q = jnp.einsum("BTD,NHD->BTNH", x, self.q_proj.weight[...].astype(dt))
+        k = jnp.einsum("BTD,KHD->BTKH", x, self.k_proj.weight[...].astype(dt))
+        v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj.weight[...].astype(dt))
+        q = apply_rope(self.q_norm(q), sin, cos)
+        k = apply_rope(self.k_norm(k), sin, cos)
+        if cache is not None:
+            ck, cv = cache
+            rows = jnp.arange(x.shape[0])[:, None]
+            ck = ck.at[layer, rows, slots].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[layer, rows, slots].set(v.astype(cv.dtype), mode="drop")
+            cache = (ck, cv)
+            k, v = ck[layer].astype(dt), cv[layer].astype(dt)
+        b, t, n, h = q.shape
+        kv_heads = k.shape[2]
+        qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, None, None], logits * h**-0.5, MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj.weight[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear((f, d), ("mlp", "embed"), cfg, rngs)
+        self.up_proj = Linear((f, d), ("mlp", "embed"), cfg, rngs)
+        self.down_proj = Linear((d, f), ("embed", "mlp"), cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jnp.einsum("BTD,FD->BTF", x, self.gate_proj.weight[...].astype(dt))
+        up = jnp.einsum("BTD,FD->BTF", x, self.up_proj.weight[...].astype(dt))
+        return jnp.einsum("BTF,DF->BTD", jax.nn.silu(gate) * up,
+                          self.down_proj.weight[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, sin, cos, mask, cache=None, layer=0, slots=None):
+        h, cache = self.self_attn(self.input_layernorm(x), sin, cos, mask, cache, layer, slots)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        value = cfg.init_std * jax.random.normal(
+            rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        self.weight = nnx.Param(value.astype(cfg.param_dtype), out_sharding=("vocab", "embed"),
+                                eager_sharding=False)
+
+
+class Backbone(nnx.Module):
+    """HF ``Qwen3Model``: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class Qwen3(nnx.Module):
+    """Qwen3 causal LM. Parameter paths follow HF (``model.layers.0.self_attn.q_proj.weight``);
+    ``lm_head`` is None when the embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = Backbone(cfg, rngs)
+        self.lm_head = nnx.data(None if cfg.tie_word_embeddings else Linear(
+            (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, rngs))
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """[..., D] -> [..., V] with lm_head (or the tied embedding), in cfg.dtype."""
+        dt = jnp.dtype(self.cfg.dtype)
+        head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        return jnp.einsum("...D,VD->...V", hidden.astype(dt), head.weight[...].astype(dt))
+
+    def __call__(self, tokens, positions=None, attention_mask=None, *, cache=None,
+                 cache_index=None, return_hidden=False, output_hidden_states=False):
+        """tokens int32[B, T]; positions int32[B, T] (default arange(T), or with a mask
+        cumsum(attention_mask) - 1 clipped at 0); attention_mask [B, T] (1 = real token).
+
+        Without a cache: causal attention within the sequence, keys with mask 0 ignored.
+        With a cache: row b's new keys go to slots cache_index[b] + t (writes past S are
+        dropped), their ``pos`` is positions[b, t] (-1 where masked), and query (b, t) attends to
+        every slot j with 0 <= pos[b, j] <= positions[b, t].
+
+        Returns logits [B, T, V] (or final-norm hidden [B, T, D] when return_hidden), then the
+        new cache when one was given, then (with output_hidden_states) the L + 1 hidden states
+        of HF: the embeddings, the output of layers 0..L-2, and the final-norm output.
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
+        mask = (jnp.ones((b, t), bool) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(bool))
+        if positions is None:
+            if attention_mask is None:
+                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            else:
+                positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+        positions = jnp.asarray(positions, jnp.int32)
+
+        # Attention mask [B, T, S] and cache slots.
+        slots, kv = None, None
+        if cache is None:
+            causal = jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]
+            attn_mask = causal & mask[:, None, :]
+        else:
+            start = jnp.zeros((b,), jnp.int32) if cache_index is None else cache_index
+            slots = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
+            rows = jnp.arange(b)[:, None]
+            new_pos = cache.pos.at[rows, slots].set(jnp.where(mask, positions, -1), mode="drop")
+            kpos = new_pos[:, None, :]
+            attn_mask = (kpos >= 0) & (kpos <= positions[:, :, None])
+            kv = (cache.k, cache.v)
+
+        sin, cos = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        x = jnp.take(self.model.embed_tokens.weight[...], tokens, axis=0).astype(dt)
+        hidden_states = [x]
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, sin, cos, attn_mask, kv, i, slots)
+            hidden_states.append(x)
+        x = self.model.norm(x)
+        hidden_states[-1] = x
+
+        out = x if return_hidden else self.logits_from_hidden(x)
+        result: tuple = (out,)
+        if cache is not None:
+            result += (KVCache(k=kv[0], v=kv[1], pos=new_pos),)
+        if output_hidden_states:
+            result += (tuple(hidden_states),)
+        return result[0] if len(result) == 1 else result
+
+
+def apply(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs):
+    """Functional call: ``nnx.merge(graphdef, state)(*args, **kwargs)`` (use inside jit)."""
+    return nnx.merge(graphdef, state)(*args, **kwargs)

@@ -1,0 +1,97 @@
+"""Config loading: each class of bad value raises ConfigError naming the key and the file;
+presets fill dimensions and explicit keys override them."""
+
+from __future__ import annotations
+
+import pytest
+
+from tapo_jax.config import ConfigError, load_config
+from tapo_jax.models.presets import PRESETS
+
+
+@pytest.fixture
+def write(tmp_path):
+    def make(text: str, name: str = "run.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return make
+
+
+@pytest.mark.parametrize("text,key", [
+    ("model:\n  num_layer: 2\n", "model.num_layer"),  # unknown key
+    ("rl:\n  n_poss: 2\n", "rl.n_poss"),
+    ("colour: red\n", "colour"),
+    ("model:\n  num_layers: two\n", "model.num_layers"),  # wrong types
+    ("model:\n  num_layers: 2.5\n", "model.num_layers"),
+    ("model:\n  tie_word_embeddings: 1\n", "model.tie_word_embeddings"),
+    ("model:\n  dtype: float16\n", "model.dtype"),
+    ("sampling:\n  temperature: hot\n", "sampling.temperature"),
+    ("sampling:\n  prefill_buckets: 64\n", "sampling.prefill_buckets"),
+    ("model: 3\n", "model"),
+    ("model:\n  hidden_size: 64\n  num_heads: 5\n", "model.num_heads"),  # impossible values
+    ("model:\n  num_heads: 4\n  num_kv_heads: 3\n", "model.num_kv_heads"),
+    ("rl:\n  num_samples: 4\n  n_pos: 5\n", "rl.n_pos"),
+    ("rl:\n  num_samples: 8\n  n_pos: 5\n  n_neg: 4\n", "rl.n_neg"),
+    ("model:\n  preset: qwen9-1t\n", "model.preset"),
+    ("mesh:\n  data: -1\n  fsdp: -1\n", "mesh"),
+    ("model:\n  head_dim: 15\n", "model.head_dim"),
+    ("eval:\n  num_samples: 2\n  k_max: 5\n", "eval.num_samples"),
+])
+def test_bad_value_names_key_and_file(write, text, key):
+    path = write(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"'{key}" in msg and str(path) in msg, msg
+
+
+def test_heads_need_not_divide_hidden_with_explicit_head_dim(write):
+    cfg = load_config(write("model:\n  hidden_size: 64\n  num_heads: 5\n  num_kv_heads: 1\n"
+                            "  head_dim: 16\n"))
+    assert cfg.model.resolved_head_dim == 16
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.num_layer=2", "model.num_layer"),
+    ("model.num_layers=abc", "model.num_layers"),
+    ("rl.n_pos=9", "rl.n_pos"),
+    ("model.num_kv_heads=3", "model.num_kv_heads"),
+    ("model.preset=nope", "model.preset"),
+])
+def test_bad_override_names_key(write, override, key):
+    path = write("model:\n  preset: tiny\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override])
+    assert f"'{key}" in str(e.value) and override in str(e.value), str(e.value)
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="model.num_layers"):
+        load_config(None, ["model.num_layers"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path, write):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(missing)
+    bad = write("model:\n  num_layers: [1, 2\n", name="broken.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(bad) in str(e.value) and "YAML" in str(e.value)
+
+
+def test_presets_and_explicit_keys(write):
+    cfg = load_config(write("model:\n  preset: qwen3-8b\n  num_layers: 2\n"
+                            "  tie_word_embeddings: true\n"))
+    want = PRESETS["qwen3-8b"]
+    assert (cfg.model.hidden_size, cfg.model.head_dim) == (want["hidden_size"], want["head_dim"])
+    # Explicit keys win even when they equal the dataclass defaults.
+    assert cfg.model.num_layers == 2 and cfg.model.tie_word_embeddings is True
+    # Switching preset on the command line replaces every dimension of the file's preset.
+    cfg = load_config(write("model:\n  preset: tiny\n"), ["model.preset=qwen3-0.6b"])
+    assert {k: getattr(cfg.model, k) for k in PRESETS["qwen3-0.6b"]} == PRESETS["qwen3-0.6b"]
+    # A dimension override keeps the rest of the preset.
+    cfg = load_config(write("model:\n  preset: tiny-untied\n"), ["model.num_layers=3"])
+    assert cfg.model.num_layers == 3 and cfg.model.head_dim == 24 and cfg.model.rope_theta == 5e6
