@@ -1,0 +1,143 @@
+"""Cold-start SFT data for the embedded task: two kinds of examples trained jointly.
+
+1. Ordinary solutions: question -> step-by-step solution ending in ``\\boxed{}``.
+2. Trajectory-construction examples: the synthesis prompt (question, an erroneous solution with
+   one realistic slip, the correct solution as reference; built by tapo.synthesis, exactly as the
+   RL loop builds it) -> ``<analysis>Step k: kind.</analysis>`` and a ``<reconstruction>`` that
+   keeps the erroneous lines verbatim up to and including the wrong step, reflects ("Wait, 85 -
+   19 = 66, not 67.") and continues correctly to the answer. Mode ``full`` (ablation) targets the
+   whole correct solution instead.
+
+Examples are (prompt_text, response_text) pairs; the prompt text is formatted with the chat
+template at tokenisation, and each response ends with the end-of-turn token, which is trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tapo_jax.data.arithmetic import (
+    ANALYSIS_PHRASES,
+    Problem,
+    classify_error,
+    first_error_step,
+    make_slip,
+    reflection_phrase,
+)
+from tapo_jax.data.datasets import format_prompt
+from tapo_jax.tapo.batch import Row, build_train_batch
+from tapo_jax.tapo.synthesis import build_synthesis_prompt, format_construction, rule_construct
+
+__all__ = [
+    "ColdStartData",
+    "build_cold_start",
+    "cold_start_rows",
+    "construction_example",
+    "sft_batch",
+    "tokenize_pairs",
+]
+
+
+@dataclass
+class ColdStartData:
+    solutions: list[tuple[str, str]] = field(default_factory=list)  # (question, solution)
+    constructions: list[tuple[str, str]] = field(default_factory=list)  # (synthesis prompt, target)
+
+
+def construction_example(problem: Problem, slip_text: str, *, style: str = "compact",
+                         mode: str = "micro") -> tuple[str, str]:
+    """(synthesis prompt, ``<analysis>..</analysis>\\n<reconstruction>..</reconstruction>``)
+    for an erroneous solution of ``problem``; the oracle locates and names the error."""
+    q, ref = problem.question, problem.solution
+    step = first_error_step(q, slip_text)
+    if step is None:
+        raise ValueError(f"the erroneous solution of {q!r} has no error:\n{slip_text}")
+    analysis = f"Step {step + 1}: {ANALYSIS_PHRASES[classify_error(q, slip_text, step)]}."
+    if mode == "micro":
+        recon = rule_construct(slip_text, ref, reflect=reflection_phrase)
+        if recon is None:
+            raise ValueError(f"no divergence between the erroneous and correct solution of {q!r}")
+    elif mode == "full":
+        recon = ref
+    else:
+        raise ValueError(f"cold-start construction mode must be micro or full, got {mode!r}")
+    prompt = build_synthesis_prompt(q, slip_text, ref, style=style, mode=mode)
+    return prompt, format_construction(analysis, recon)
+
+
+def build_cold_start(
+    problems: Sequence[Problem],
+    *,
+    seed: int,
+    construction_fraction: float = 0.5,
+    style: str = "compact",
+    mode: str = "micro",
+) -> ColdStartData:
+    """Solutions for every problem plus construction examples, so that constructions make up
+    ``construction_fraction`` of all examples (1.0: constructions only, one per problem).
+    Slip kinds are drawn uniformly; problems for constructions are drawn with replacement."""
+    if not 0.0 <= construction_fraction <= 1.0:
+        raise ValueError(f"construction_fraction must be in [0, 1], got {construction_fraction}")
+    if not problems:
+        raise ValueError("build_cold_start: no problems")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC01D]))
+    data = ColdStartData()
+    if construction_fraction < 1.0:
+        data.solutions = [(p.question, p.solution) for p in problems]
+        n_con = round(len(problems) * construction_fraction / (1.0 - construction_fraction))
+    else:
+        n_con = len(problems)
+    failures = 0
+    while len(data.constructions) < n_con:
+        p = problems[int(rng.integers(len(problems)))]
+        slip = make_slip(p, rng)
+        if slip is None:
+            failures += 1
+            if failures > 100 * n_con + 100:
+                raise ValueError("could not make erroneous solutions for these problems "
+                                 "(are all operands 0?)")
+            continue
+        data.constructions.append(construction_example(p, slip.text, style=style, mode=mode))
+    return data
+
+
+def tokenize_pairs(
+    pairs: Sequence[tuple[str, str]], tokenizer: Any, *, template: str = "{prompt}",
+    chat: bool = True,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + end-of-turn id) per pair."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token (needed to end SFT responses)")
+    out = []
+    for prompt, response in pairs:
+        text = format_prompt(prompt, tokenizer, template=template, chat=chat)
+        p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        out.append((list(p_ids), list(r_ids) + [eos]))
+    return out
+
+
+def cold_start_rows(data: ColdStartData, tokenizer: Any, *, prompt_template: str = "{prompt}",
+                    chat: bool = True) -> list[tuple[list[int], list[int]]]:
+    """Tokenised examples of both kinds: solutions use the data prompt template, synthesis
+    prompts are used as they are (as in the RL loop)."""
+    return (tokenize_pairs(data.solutions, tokenizer, template=prompt_template, chat=chat)
+            + tokenize_pairs(data.constructions, tokenizer, chat=chat))
+
+
+def sft_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
+              length_buckets: Sequence[int] | None = None,
+              row_buckets: Sequence[int] | None = None, max_len: int = 4096,
+              row_multiple: int = 1):
+    """A TrainBatch for maximum-likelihood training: loss_mask on response tokens, reward 1,
+    every row its own query. Returns ``(TrainBatch, BatchStats)``."""
+    rows = [Row(p, c, query_index=i, is_reflection=False, reward=1.0)
+            for i, (p, c) in enumerate(examples)]
+    return build_train_batch(rows, num_queries=len(rows), pad_id=pad_id,
+                             length_buckets=length_buckets, row_buckets=row_buckets,
+                             max_len=max_len, row_multiple=row_multiple)

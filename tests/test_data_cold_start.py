@@ -1,0 +1,83 @@
+"""Cold-start data: both example kinds, construction targets, tokenised SFT batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tapo_jax.data import arithmetic as A
+from tapo_jax.data.cold_start import (
+    build_cold_start,
+    cold_start_rows,
+    construction_example,
+    sft_batch,
+)
+from tapo_jax.tapo.synthesis import build_synthesis_prompt, parse_construction, prefix_check
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return A.generate_problems(120, seed=11, min_steps=2, max_steps=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return A.build_tokenizer()
+
+
+@pytest.mark.parametrize("fraction, n_con", [(0.5, 120), (0.25, 40), (0.0, 0), (1.0, 120)])
+def test_fraction_of_construction_examples(problems, fraction, n_con):
+    d = build_cold_start(problems, seed=0, construction_fraction=fraction)
+    assert len(d.constructions) == n_con
+    assert len(d.solutions) == (0 if fraction == 1.0 else 120)
+    if d.solutions:
+        assert d.solutions[0] == (problems[0].question, problems[0].solution)
+
+
+def test_construction_targets_keep_the_wrong_prefix_and_recover(problems):
+    d = build_cold_start(problems, seed=1, construction_fraction=0.5)
+    assert d.constructions == build_cold_start(problems, seed=1).constructions  # seeded
+    for prompt, target in d.constructions:
+        q = prompt.split("\n")[1].removeprefix("Q: ")
+        wrong = prompt.split("Wrong:\n")[1].split("\nRef:")[0]
+        ref = prompt.split("Ref:\n")[1]
+        assert A.first_error_step(q, ref) is None
+        assert prompt == build_synthesis_prompt(q, wrong, ref, style="compact")
+        p = parse_construction(target)
+        assert p.ok, (target, p.reason)
+        k = A.first_error_step(q, wrong)
+        assert p.analysis.startswith(f"Step {k + 1}: ")
+        # verbatim prefix up to and including the wrong step, then a reflection
+        chk = prefix_check(wrong, p.reconstruction)
+        assert chk.lines == k + 1
+        assert p.reconstruction.split("\n")[k + 1].startswith("Wait, ")
+        assert A.trace_response(q, p.reconstruction).recovered
+
+
+def test_full_mode_targets_the_correct_solution(problems):
+    p = problems[0]
+    slip = A.make_slip(p, np.random.default_rng(0), "digit")
+    prompt, target = construction_example(p, slip.text, mode="full")
+    assert prompt.startswith("Redo\n")
+    assert parse_construction(target).reconstruction == p.solution
+    with pytest.raises(ValueError, match="no error"):
+        construction_example(p, p.solution)
+
+
+def test_sft_batch_trains_exactly_the_response_and_end_of_turn(problems, tok):
+    d = build_cold_start(problems[:8], seed=2, construction_fraction=0.5)
+    examples = cold_start_rows(d, tok)
+    assert len(examples) == 16
+    batch, stats = sft_batch(examples, pad_id=tok.pad_token_id, length_buckets=(64, 128, 256))
+    assert stats.truncated_rows == 0 and stats.rows == 16
+    tokens, lm = np.asarray(batch.tokens), np.asarray(batch.loss_mask)
+    for b, (pair, (p_ids, r_ids)) in enumerate(zip(d.solutions + d.constructions, examples)):
+        trained = tokens[b][lm[b] > 0].tolist()
+        assert trained == r_ids and trained[-1] == tok.eos_token_id
+        assert tok.decode(trained[:-1]) == pair[1]
+        # the prompt is the chat-formatted user turn, untrained
+        prompt_text = tok.decode(tokens[b][:len(p_ids)].tolist())
+        assert prompt_text == f"<|im_start|>user\n{pair[0]}<|im_end|>\n<|im_start|>assistant\n"
+        assert lm[b, :len(p_ids)].sum() == 0
+    assert np.asarray(batch.row_mask).sum() == 16
+    assert len(set(np.asarray(batch.group_ids).tolist())) == 16
