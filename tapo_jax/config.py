@@ -177,6 +177,7 @@ class ColdStartConfig:
     warmup_steps: int = 20
     construction_fraction: float = 0.5
     max_len: int = 0  # 0 = derived from the data
+    data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
 
 
 @dataclass

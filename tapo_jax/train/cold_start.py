@@ -1,0 +1,127 @@
+"""Cold start: supervised fine-tuning on the two data kinds trained jointly (DESIGN.md section 1).
+
+(1) ordinary (question -> solution) examples and (2) trajectory-construction examples
+(synthesis prompt -> ``<analysis>`` + ``<reconstruction>``), so the policy can follow the
+synthesis prompt during RL. Loss on response tokens only (token-mean NLL, ``kind="sft"`` step).
+
+Data: the embedded arithmetic task builds both kinds itself (:mod:`tapo_jax.data.cold_start`);
+for other tasks ``cold_start.data_path`` names a JSONL/JSON/Parquet file of ``prompt`` /
+``response`` records (e.g. constructions written by a stronger model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from tapo_jax.config import Config, ConfigError
+
+log = logging.getLogger("tapo_jax")
+
+
+def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
+                        ) -> list[tuple[list[int], list[int]]]:
+    """Tokenised (prompt ids, response ids + eos) pairs of both kinds."""
+    from tapo_jax.data import cold_start as cs_data
+    from tapo_jax.tapo.synthesis import resolve_style
+
+    cs = cfg.cold_start
+    if cs.data_path is not None:
+        from tapo_jax.data.datasets import read_rows
+
+        rows = read_rows(cs.data_path)
+        pairs = []
+        for i, r in enumerate(rows):
+            if "prompt" not in r or "response" not in r:
+                raise ConfigError(f"{cs.data_path}: record {i} needs 'prompt' and 'response' "
+                                  f"fields (cold_start.data_path)")
+            pairs.append((str(r["prompt"]), str(r["response"])))
+        return cs_data.tokenize_pairs(pairs, tokenizer, chat=cfg.data.chat_template)
+    if cfg.data.kind != "arithmetic":
+        raise ConfigError("cold_start.enabled needs cold_start.data_path (prompt/response "
+                          "records) unless data.kind = arithmetic")
+    mode = "full" if cfg.rl.construction == "full" else "micro"
+    data = cs_data.build_cold_start(
+        problems, seed=cfg.train.seed, construction_fraction=cs.construction_fraction,
+        style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode)
+    return cs_data.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
+                                   chat=cfg.data.chat_template)
+
+
+def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokenizer: Any,
+                   problems: list[Any], log_fn: Callable[[int, dict], None],
+                   progress: bool = True) -> tuple[Any, dict]:
+    """``cold_start.steps`` SFT updates on random mini-batches; returns (state, summary)."""
+    import jax
+
+    from tapo_jax.data.cold_start import sft_batch
+    from tapo_jax.rl.train_step import make_train_step
+
+    cs = cfg.cold_start
+    examples = cold_start_examples(cfg, tokenizer, problems)
+    if not examples:
+        raise ConfigError("cold start: no examples")
+    groups = length_groups(examples)
+    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-cs.batch_size // n_dp) * n_dp
+    step_fn = make_train_step(graphdef, cfg, mesh, kind="sft")
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.train.seed, 0xC5]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lengths = sorted(groups)
+    weights = np.array([len(groups[L]) for L in lengths], np.float64)
+    weights /= weights.sum()
+    t0 = time.time()
+    bar = _bar(cs.steps, "cold start", progress)
+    last: dict = {}
+    tokens = 0
+    for s in range(cs.steps):
+        L = lengths[int(rng.choice(len(lengths), p=weights))]
+        members = groups[L]
+        idx = rng.integers(0, len(members), batch_size)
+        batch, stats = sft_batch([examples[members[i]] for i in idx], pad_id=pad,
+                                 length_buckets=(L,), row_buckets=(batch_size,), max_len=L)
+        tokens += stats.response_tokens
+        state, metrics = step_fn(state, batch)
+        if (s + 1) % max(cfg.train.log_every, 10) == 0 or s + 1 == cs.steps:
+            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            last.update(stage="cold_start", tokens=tokens, elapsed_s=time.time() - t0)
+            log_fn(s + 1, last)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = dict(steps=cs.steps, examples=len(examples), seconds=time.time() - t0,
+                   final_loss=last.get("loss"), length_buckets=lengths)
+    log.info("cold start done: %s", summary)
+    return state, summary
+
+
+def length_groups(examples: list[tuple[list[int], list[int]]], *, quantum: int = 64,
+                  max_groups: int = 6) -> dict[int, list[int]]:
+    """Example indices grouped by padded length (multiples of ``quantum``; powers of two when
+    that would give more than ``max_groups`` shapes), so each batch is padded only to its own
+    group's length and the step compiles once per group."""
+    def key(n: int, powers: bool) -> int:
+        if powers:
+            return max(quantum, 1 << (n - 1).bit_length())
+        return -(-n // quantum) * quantum
+
+    sizes = [len(p) + len(r) for p, r in examples]
+    powers = len({key(n, False) for n in sizes}) > max_groups
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(sizes):
+        groups.setdefault(key(n, powers), []).append(i)
+    return groups
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)

@@ -1,0 +1,247 @@
+"""The RL loop: GRPO, TAPO and OPSD in one loop; the algorithm is config (``rl.algorithm``).
+
+Per iteration (paper Algorithm 1):
+
+    sample K per query -> rewards -> [TAPO] DCS -> construction prompts through the same engine
+    -> parse + reward constructions -> old log-probs by a teacher-forced forward of every sequence
+    (constructions are scored on (x, y_ref), never on the synthesis prompt) -> reference log-probs
+    (KL is always measured) -> advantages (DAE) -> update -> hand new params to the engine.
+
+Host work (sampling orchestration, rewards, parsing, batch assembly) lives in
+:mod:`tapo_jax.train.rollout`; device work is four jitted functions built once: the teacher-forced
+log-prob forward, the advantage computation, the train step and the engine's decode loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tapo_jax.config import Config
+from tapo_jax.rl.advantages import tapo_advantages
+from tapo_jax.tapo.batch import Row, build_batch_arrays, power_of_two_buckets
+from tapo_jax.train import rollout
+from tapo_jax.types import TrainBatch
+
+log = logging.getLogger("tapo_jax")
+
+
+@dataclass
+class LoopContext:
+    """What the loop needs besides the config (all built once by :mod:`tapo_jax.train.run`)."""
+
+    graphdef: Any
+    mesh: Any
+    tokenizer: Any
+    sample_fn: Callable[[Any], rollout.SampleFn]  # params -> SampleFn with those params
+    encode: Callable[[list[str]], list[list[int]]]
+    score: rollout.ScoreFn
+    reward_stats: Callable[[], dict]
+
+
+def _row_multiple(cfg: Config, mesh: Any) -> int:
+    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = max(cfg.train.micro_batch_size, 1)
+    return math.lcm(n_dp, micro) * cfg.train.mini_batches
+
+
+def _buckets(cfg: Config, mesh: Any, num_queries: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row and length buckets: a handful of static shapes, so the step compiles a bounded number
+    of times whatever the number of constructions."""
+    s, rl = cfg.sampling, cfg.rl
+    mult = _row_multiple(cfg, mesh)
+    base = num_queries * rl.num_samples
+    extra = num_queries * rl.m_max if rl.algorithm == "tapo" else 0
+    rows = sorted({-(-(base + f) // mult) * mult for f in (0, extra // 4, extra // 2, extra)})
+    longest = s.max_prompt_len + max(s.max_new_tokens, _construction_budget(cfg))
+    lengths = power_of_two_buckets(32, -(-longest // 16) * 16)
+    return tuple(rows), lengths
+
+
+def _construction_budget(cfg: Config) -> int:
+    return cfg.sampling.construction_max_new_tokens or 2 * cfg.sampling.max_new_tokens
+
+
+def make_advantage_fn(cfg: Config) -> Callable[[TrainBatch], tuple[jax.Array, jax.Array]]:
+    """Jitted ``batch -> (advantages, group_ids)`` (Eq. 4-5, DAE per ``rl.decoupled``)."""
+    rl = cfg.rl
+
+    def adv_static(batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
+        num_queries = batch.rewards.shape[0]  # an upper bound on query ids (static)
+        return tapo_advantages(
+            batch.rewards, batch.query_index, batch.is_reflection, batch.row_mask,
+            num_queries=num_queries, decoupled=rl.decoupled,
+            ref_group_includes_originals=rl.ref_group_includes_originals, eps=rl.adv_eps,
+            std_normalize=rl.std_normalize, std_ddof=rl.std_ddof)
+
+    return jax.jit(adv_static)
+
+
+def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
+                   ) -> tuple[TrainBatch, Any]:
+    """Rows -> a bucketed TrainBatch (overlong rows keep their reward but train no tokens)."""
+    rows_b, len_b = _buckets(cfg, mesh, cfg.train.batch_size)
+    arrays, stats = build_batch_arrays(
+        col.rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=len_b,
+        row_buckets=rows_b, max_len=len_b[-1], row_multiple=_row_multiple(cfg, mesh),
+        decoupled=cfg.rl.decoupled)
+    for i in col.overlong_masked:
+        arrays["loss_mask"][i] = 0.0
+    return TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}), stats
+
+
+def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int,
+                        encode: Callable) -> tuple[Any, Any, int]:
+    """Student rows (the rollouts) and teacher rows (question + a correct solution, then the
+    same response). Groups without a correct rollout carry no distillation signal (masked)."""
+    from tapo_jax.rl.train_step import OPSDBatch
+
+    teacher_prompts = rollout.opsd_teacher_rows(col, encode)
+    student, stats = assemble_batch(col, cfg, mesh, pad_id)
+    t_rows, skipped = [], 0
+    for r in col.rows:
+        tp = teacher_prompts[r.query_index]
+        if tp is None:
+            skipped += 1
+            tp = r.prompt_ids
+        t_rows.append(Row(tp, r.completion_ids, r.query_index, reward=r.reward))
+    _, len_b = _buckets(cfg, mesh, cfg.train.batch_size)
+    longest = max(len(r.prompt_ids) + len(r.completion_ids) for r in t_rows)
+    t_len = power_of_two_buckets(32, max(len_b[-1], -(-longest // 16) * 16))
+    t_arr, _ = build_batch_arrays(
+        t_rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=t_len,
+        row_buckets=(student.tokens.shape[0],), max_len=t_len[-1],
+        row_multiple=_row_multiple(cfg, mesh))
+    s_mask = np.asarray(student.loss_mask).copy()
+    t_mask = t_arr["loss_mask"]
+    for b, r in enumerate(col.rows):
+        if teacher_prompts[r.query_index] is None or s_mask[b].sum() != t_mask[b].sum():
+            s_mask[b] = 0.0
+            t_mask[b] = 0.0
+    student = student.replace(loss_mask=jnp.asarray(s_mask))
+    batch = OPSDBatch(student=student, teacher_tokens=jnp.asarray(t_arr["tokens"]),
+                      teacher_positions=jnp.asarray(t_arr["positions"]),
+                      teacher_attention_mask=jnp.asarray(t_arr["attention_mask"]),
+                      teacher_loss_mask=jnp.asarray(t_mask))
+    return batch, stats, skipped
+
+
+def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, step: int,
+                 records: list[Any], more_records: Callable[[], list[Any]], fns: dict,
+                 sampler_params: Any) -> tuple[Any, dict, list[dict]]:
+    """One iteration; returns (new state, metrics, examples)."""
+    from tapo_jax.rl.train_step import average_metrics, update_on_batch
+
+    rl = cfg.rl
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sample = ctx.sample_fn(sampler_params)
+    timed = _TimedSample(sample)
+    col = rollout.collect(records, cfg=cfg, tokenizer=ctx.tokenizer, step=step, sample=timed,
+                          score=ctx.score, encode=ctx.encode, more_records=more_records)
+    timings["time/sampling"] = timed.seconds_by_call.get(0, 0.0) + sum(
+        v for k, v in timed.seconds_by_call.items() if k > 0 and k not in timed.construction)
+    timings["time/construction"] = sum(timed.seconds_by_call[k] for k in timed.construction)
+    timings["time/reward"] = time.perf_counter() - t0 - timings["time/sampling"] - timings[
+        "time/construction"]
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+
+    t1 = time.perf_counter()
+    if rl.algorithm == "opsd":
+        batch, bstats, skipped = assemble_opsd_batch(col, cfg, ctx.mesh, pad, ctx.encode)
+        student = batch.student
+        lp, _ = fns["logprob"](state.params, student)
+        ref_lp, _ = fns["logprob"](ref_params, student)
+        batch = batch.replace(student=student.replace(old_logprobs=lp, ref_logprobs=ref_lp))
+        extra = {"opsd/skipped_rows": float(skipped)}
+        trained = student
+    else:
+        batch, bstats = assemble_batch(col, cfg, ctx.mesh, pad)
+        old_lp, _ = fns["logprob"](state.params, batch)
+        ref_lp, _ = fns["logprob"](ref_params, batch)
+        adv, gids = fns["advantages"](batch)
+        batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
+                              group_ids=gids)
+        extra = {}
+        trained = batch
+    jax.block_until_ready(batch)
+    timings["time/logprobs"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    state, history = update_on_batch(fns["step"], state, batch, ctx.mesh,
+                                     ppo_epochs=cfg.train.ppo_epochs,
+                                     mini_batches=cfg.train.mini_batches)
+    metrics = {k: float(v) for k, v in jax.device_get(average_metrics(history)).items()}
+    timings["time/update"] = time.perf_counter() - t2
+    timings["time/total"] = time.perf_counter() - t0
+
+    K = rl.num_samples
+    lengths = col.response_lengths
+    metrics.update(timings)
+    metrics.update(extra)
+    metrics.update({
+        "reward_mean": float(col.rewards.mean()),
+        "accuracy": float(col.rewards.mean()),
+        "response_length_mean": float(lengths.mean()),
+        "response_length_max": float(lengths.max()),
+        "response_length_clipped_share": float(col.truncated.mean()),
+        "batch/rows": float(bstats.num_rows),
+        "batch/padded_rows": float(bstats.rows),
+        "batch/length": float(bstats.length),
+        "batch/truncated_rows": float(bstats.truncated_rows),
+        "tokens/trained": float(np.asarray(trained.loss_mask).sum()),
+        "tokens/sampled": float(lengths.sum()),
+        "tokens_per_s/sampling": float(lengths.sum() / max(timings["time/sampling"], 1e-9)),
+        "tokens_per_s/total": float(lengths.sum() / max(timings["time/total"], 1e-9)),
+        "queries": float(col.num_queries),
+        "samples_per_query": float(K),
+    })
+    for k, v in col.stats.items():
+        metrics[k if "/" in k else f"tapo/{k}"] = v
+    for k, v in ctx.reward_stats().items():
+        metrics[f"reward_pool/{k}"] = float(v)
+    return state, metrics, col.examples
+
+
+class _TimedSample:
+    """Wraps a SampleFn, timing each call (call 0: rollouts; calls with n == 1: constructions)."""
+
+    def __init__(self, fn: rollout.SampleFn):
+        self.fn = fn
+        self.seconds_by_call: dict[int, float] = {}
+        self.construction: set[int] = set()
+        self.calls = 0
+
+    def __call__(self, prompt_ids, n, max_new_tokens, seed):
+        i = self.calls
+        self.calls += 1
+        t = time.perf_counter()
+        out = self.fn(prompt_ids, n, max_new_tokens, seed)
+        self.seconds_by_call[i] = time.perf_counter() - t
+        if n == 1:
+            self.construction.add(i)
+        return out
+
+
+def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
+    from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
+
+    kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
+    return {
+        "step": make_train_step(graphdef, cfg, mesh, kind=kind),
+        "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size),
+        "advantages": make_advantage_fn(cfg),
+    }
+
+
+def copy_params(params: Any) -> Any:
+    """A real copy (the train step donates its state, so references must not alias it)."""
+    return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p))(params)
+

@@ -1,0 +1,417 @@
+"""Entry points behind the CLI: ``train`` (cold start -> eval -> RL -> eval -> export, plot,
+summary), ``eval``, ``sample`` and ``filter``.
+
+A run directory (``train.output_dir``) holds: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard
+events when tensorboardX is installed), ``checkpoints/`` (orbax, resumable), ``eval/`` (JSON +
+Markdown), ``hf/`` (the final policy as an HF directory), ``training_dynamics.png``,
+``summary.md`` and ``examples.jsonl`` (sample constructions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import yaml
+
+from tapo_jax.config import Config, ConfigError, to_dict
+
+log = logging.getLogger("tapo_jax")
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+class Policy:
+    """The run's mesh, tokenizer, graphdef and the sampler bound to them."""
+
+    def __init__(self, cfg: Config, *, rules_train: Any = None):
+        from tapo_jax.models import sharding
+        from tapo_jax.train import setup
+
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.tokenizer = setup.load_tokenizer(cfg)
+        model, cfg = setup.build_model(cfg, self.mesh, rules_train or sharding.TRAIN_RULES)
+        setup.check_vocab(cfg, self.tokenizer)
+        from tapo_jax.train.state import split_params
+
+        self.graphdef, self.params = split_params(model)
+        self.cfg = cfg
+        self.stop_ids = setup.stop_ids(self.tokenizer)
+        self._sampler = None
+
+    # prompts ---------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        from tapo_jax.data.datasets import encode_prompts
+
+        return encode_prompts(prompts, self.tokenizer, template=self.cfg.data.prompt_template,
+                              chat=self.cfg.data.chat_template)
+
+    # sampling --------------------------------------------------------------------------------
+    def sampler(self) -> Any:
+        if self._sampler is None:
+            from tapo_jax.sampling import Sampler
+
+            s = self.cfg.sampling
+            max_len = s.max_prompt_len + s.max_new_tokens
+            cons = s.construction_max_prompt_len or (s.max_prompt_len + 2 * s.max_new_tokens + 128)
+            budget = s.construction_max_new_tokens or 2 * s.max_new_tokens
+            if self.cfg.rl.algorithm == "tapo":
+                max_len = max(max_len, cons + budget)
+            self._sampler = Sampler(self.graphdef, self.params, mesh=self.mesh,
+                                    num_slots=s.num_slots, max_len=max_len,
+                                    prefill_buckets=s.prefill_buckets or None)
+        return self._sampler
+
+    def sample_fn(self, params: Any, *, temperature: Optional[float] = None,
+                  top_p: Optional[float] = None):
+        """``(prompt_ids, n, max_new_tokens, seed) -> list[list[Completion]]`` with ``params``."""
+        from tapo_jax.train.rollout import Completion
+
+        s = self.cfg.sampling
+        sampler = self.sampler()
+        sampler.update_params(params)
+        temp = s.temperature if temperature is None else temperature
+        tp = s.top_p if top_p is None else top_p
+
+        def sample(prompt_ids, n, max_new_tokens, seed):
+            ro = sampler.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens,
+                                  temperature=temp, top_p=tp, top_k=s.top_k, min_p=s.min_p,
+                                  stop_ids=self.stop_ids, seed=seed)
+            out = [[None] * n for _ in prompt_ids]
+            for i in range(len(ro.prompt_index)):
+                toks = [int(t) for t in ro.tokens[i][: ro.lengths[i]]]
+                lps = [float(x) for x in ro.logprobs[i][: ro.lengths[i]]]
+                out[ro.prompt_index[i]][ro.sample_index[i]] = Completion(
+                    toks, lps, str(ro.finish_reason[i]))
+            return out
+
+        return sample
+
+    def text_sample_fn(self, params: Any, max_new_tokens: int, temperature: float, top_p: float):
+        """``(prompts, n, seed) -> list[list[str]]`` for evaluation."""
+        from tapo_jax.train.rollout import decode
+
+        sample = self.sample_fn(params, temperature=temperature, top_p=top_p)
+
+        def fn(prompts, n, seed):
+            comps = sample(self.encode(list(prompts)), n, max_new_tokens, seed)
+            return [[decode(self.tokenizer, c.tokens) for c in group] for group in comps]
+
+        return fn
+
+
+def _records(cfg: Config, eval_split: bool):
+    from tapo_jax.data.datasets import load_from_config
+
+    return load_from_config(cfg.data, seed=cfg.train.seed, eval_split=eval_split)
+
+
+def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: Path, name: str):
+    from tapo_jax.train.evaluate import arithmetic_oracle, run_eval, write_report
+
+    e = cfg.eval
+    fn = policy.text_sample_fn(params, e.max_new_tokens or cfg.sampling.max_new_tokens,
+                               e.temperature, e.top_p)
+    oracle = arithmetic_oracle if cfg.data.kind == "arithmetic" else None
+    t0 = time.time()
+    problems = [_eval_problem(r, cfg) for r in records]
+    result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle)
+    result.settings["seconds"] = round(time.time() - t0, 1)
+    write_report(result, out_dir, name)
+    p1 = result.pass_at_k.get("pass@1", {})
+    log.info("eval %s: pass@1 %.3f ± %.3f (%.0fs)", name, p1.get("mean") or 0.0,
+             p1.get("std") or 0.0, time.time() - t0)
+    return result
+
+
+def _eval_problem(record: Any, cfg: Config):
+    from tapo_jax.train.evaluate import EvalProblem
+
+    meta = getattr(record, "meta", None)
+    if cfg.data.kind == "arithmetic":
+        meta = record.prompt  # the oracle re-parses the question text
+    return EvalProblem(record.prompt, str(record.answer), meta)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: Config) -> dict:
+    """Cold start (optional) -> eval before -> RL -> eval after -> HF export, plot, summary."""
+    from tapo_jax.data.datasets import DataIterator
+    from tapo_jax.rewards.math import default_verifier
+    from tapo_jax.train import checkpoints as ckpt_lib
+    from tapo_jax.train import rl_loop
+    from tapo_jax.train.distributed import initialize_distributed, is_main_process
+    from tapo_jax.train.metrics import MetricsWriter
+    from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
+
+    _setup_logging()
+    initialize_distributed()
+    t_start = time.time()
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = Policy(cfg)
+    cfg = policy.cfg
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    train_records, eval_records = _records(cfg, False), _records(cfg, True)
+    if cfg.eval.num_problems:
+        eval_records = eval_records[: cfg.eval.num_problems]
+    manager = ckpt_lib.Checkpointer(out / "checkpoints", save_every=cfg.train.checkpoint_every,
+                                    keep=cfg.train.keep_checkpoints)
+    verifier = default_verifier()
+    summary: dict[str, Any] = {"name": cfg.name, "algorithm": cfg.rl.algorithm}
+    examples_path = out / "examples.jsonl"
+
+    kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
+    tx = make_optimizer(*optim_config_for(cfg, kind))
+    resume_step = manager.latest_step() if cfg.train.resume else None
+    main = is_main_process()
+    writer = MetricsWriter(out, config=cfg, resume_step=resume_step if resume_step else 0,
+                           enabled=main)
+    data_iter = DataIterator(train_records, cfg.train.batch_size, seed=cfg.train.seed,
+                             shuffle=cfg.data.shuffle)
+
+    if resume_step is not None:
+        from tapo_jax.train.state import abstract_train_state
+
+        abstract = abstract_train_state(cfg.model, tx, policy.mesh)[1]
+        restored = manager.restore(abstract, resume_step)
+        state = restored.state
+        data_iter.load_state_dict(restored.data_state["data"])
+        summary.update(restored.data_state.get("summary", {}))
+        ref_params = rl_loop.copy_params(_reference_params(cfg, policy))
+        log.info("resumed from step %d", resume_step)
+        start = resume_step
+    else:
+        params = policy.params
+        if cfg.cold_start.enabled and cfg.cold_start.steps > 0:
+            from tapo_jax.train.cold_start import run_cold_start
+
+            sft_tx = make_optimizer(*optim_config_for(cfg, "sft"))
+            sft_state, _ = train_state_from_params(params, sft_tx, policy.mesh)
+            problems = []
+            if cfg.data.kind == "arithmetic":
+                from tapo_jax.data.arithmetic import make_splits
+
+                problems = make_splits(cfg.data, cfg.train.seed)[0]
+            with MetricsWriter(out / "cold_start", enabled=main) as cs_writer:
+                sft_state, cs_summary = run_cold_start(
+                    cfg, graphdef=policy.graphdef, state=sft_state, mesh=policy.mesh,
+                    tokenizer=policy.tokenizer, problems=problems, log_fn=cs_writer.write,
+                    progress=cfg.train.progress)
+            params = sft_state.params
+            summary["cold_start"] = cs_summary
+            _export(policy, params, out / "hf_cold_start", cfg)
+        state, _ = train_state_from_params(params, tx, policy.mesh)
+        ref_params = rl_loop.copy_params(state.params)
+        start = 0
+        if cfg.eval.before_and_after and eval_records:
+            before = _evaluate(policy, state.params, cfg, eval_records, out / "eval", "before")
+            summary["eval_before"] = before.pass_at_k
+
+    fns = rl_loop.build_device_fns(cfg, policy.graphdef, policy.mesh)
+    ctx = rl_loop.LoopContext(
+        graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
+        sample_fn=policy.sample_fn, encode=policy.encode,
+        score=lambda texts, golds: verifier.score(texts, golds),
+        reward_stats=lambda: verifier.stats.as_dict())
+
+    bar = _bar(cfg.train.steps, start, f"{cfg.rl.algorithm}", cfg.train.progress)
+    t_rl = time.time()
+    for step in range(start, cfg.train.steps):
+        records = next(data_iter)
+        state, metrics, examples = rl_loop.rl_iteration(
+            cfg, ctx, state=state, ref_params=ref_params, step=step, records=records,
+            more_records=lambda: next(data_iter), fns=fns, sampler_params=state.params)
+        writer.write(step + 1, metrics)
+        if examples and main:
+            with examples_path.open("a") as f:
+                for ex in examples:
+                    f.write(json.dumps(dict(step=step + 1, **ex)) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{metrics['accuracy']:.2f}",
+                            ots=f"{metrics.get('ots_weight_mean', float('nan')):.2f}",
+                            cons=f"{metrics.get('tapo/constructions_correct', 0):.0f}/"
+                                 f"{metrics.get('tapo/constructions_attempted', 0):.0f}")
+        manager.save(step + 1, state, data_state={"data": data_iter.state_dict(),
+                                                  "summary": _jsonable(summary)},
+                     config=cfg, force=step + 1 == cfg.train.steps)
+    if bar is not None:
+        bar.close()
+    manager.close()
+    summary["rl_seconds"] = round(time.time() - t_rl, 1)
+
+    if cfg.eval.before_and_after and eval_records:
+        after = _evaluate(policy, state.params, cfg, eval_records, out / "eval", "after")
+        summary["eval_after"] = after.pass_at_k
+    if cfg.train.export_hf:
+        _export(policy, state.params, out / "hf", cfg)
+    writer.close()
+    _plot(out)
+    summary["total_seconds"] = round(time.time() - t_start, 1)
+    _write_summary(out, summary)
+    return summary
+
+
+def _reference_params(cfg: Config, policy: "Policy") -> Any:
+    """Reference params of a resumed run: the cold-start export when there is one, else the
+    initial policy (the run's random init or ``model.hf_path``)."""
+    out = Path(cfg.train.output_dir)
+    hf_dir = out / "hf_cold_start"
+    if hf_dir.is_dir():
+        from tapo_jax.models.hf import load_hf
+        from tapo_jax.train.state import split_params
+
+        model = load_hf(hf_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                        mesh=policy.mesh)
+        return split_params(model)[1]
+    return policy.params
+
+
+def _bar(total: int, start: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+
+def _export(policy: Policy, params: Any, path: Path, cfg: Config) -> None:
+    from tapo_jax.models.hf import export_state_to_hf
+
+    export_state_to_hf(cfg.model, params, path)
+    policy.tokenizer.save_pretrained(str(path))
+    log.info("exported HF checkpoint to %s", path)
+
+
+def _plot(out: Path) -> None:
+    try:
+        from tapo_jax.train.plot import plot_runs
+
+        plot_runs([out], out / "training_dynamics.png")
+    except Exception as e:  # a plot must never lose a finished run
+        log.warning("plot failed: %s", e)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=float))
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    from tapo_jax.train.evaluate import format_table
+
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    lines = [f"# {summary.get('name')} ({summary.get('algorithm')})", ""]
+    eval_json = out / "eval" / "eval.json"
+    if eval_json.is_file():
+        lines.append(format_table(json.loads(eval_json.read_text())))
+    cs = summary.get("cold_start")
+    if cs:
+        lines.append(f"Cold start: {cs['steps']} steps on {cs['examples']} examples, "
+                     f"{cs['seconds']:.0f} s, final loss {cs.get('final_loss')}.")
+    lines.append(f"RL: {summary.get('rl_seconds')} s. Total: {summary.get('total_seconds')} s.")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+
+
+# --------------------------------------------------------------------------------------------
+# eval / sample / filter
+# --------------------------------------------------------------------------------------------
+
+
+def _policy_for(cfg: Config, checkpoint: Optional[str]) -> tuple[Policy, Any]:
+    """A policy whose params come from ``checkpoint``: an HF directory, a run directory (its
+    ``hf/`` export or latest checkpoint) or a checkpoints directory."""
+    import dataclasses
+
+    if checkpoint is None:
+        return Policy(cfg), None
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / "hf" / "config.json").is_file():
+        path = path / "hf"
+    if (path / "config.json").is_file():
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=str(path)))
+        policy = Policy(cfg)
+        return policy, policy.params
+    from tapo_jax.train import checkpoints as ckpt_lib
+    from tapo_jax.train.state import abstract_train_state, make_optimizer, optim_config_for
+
+    ck_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    ckpt_lib.check_checkpoint_dir(ck_dir)
+    policy = Policy(cfg)
+    kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
+    tx = make_optimizer(*optim_config_for(cfg, kind))
+    with ckpt_lib.Checkpointer(ck_dir, keep=cfg.train.keep_checkpoints) as manager:
+        restored = manager.restore(abstract_train_state(cfg.model, tx, policy.mesh)[1])
+    return policy, restored.state.params
+
+
+def run_evaluation(cfg: Config, *, checkpoint: Optional[str] = None,
+                   out_dir: Optional[str] = None) -> Any:
+    _setup_logging()
+    policy, params = _policy_for(cfg, checkpoint)
+    params = policy.params if params is None else params
+    records = _records(cfg, True)
+    if cfg.eval.num_problems:
+        records = records[: cfg.eval.num_problems]
+    out = Path(out_dir or Path(cfg.train.output_dir) / "eval")
+    result = _evaluate(policy, params, cfg, records, out, "eval")
+    print((out / "eval.md").read_text())
+    return result
+
+
+def run_sample(cfg: Config, *, prompts: list[str], n: int = 1,
+               checkpoint: Optional[str] = None) -> list[list[str]]:
+    _setup_logging()
+    if not prompts:
+        raise ConfigError("sample: give at least one --prompt")
+    policy, params = _policy_for(cfg, checkpoint)
+    params = policy.params if params is None else params
+    s = cfg.sampling
+    fn = policy.text_sample_fn(params, s.max_new_tokens, s.temperature, s.top_p)
+    texts = fn(prompts, n, cfg.train.seed)
+    for p, group in zip(prompts, texts):
+        for i, t in enumerate(group):
+            print(f"--- prompt: {p!r} sample {i}\n{t}")
+    return texts
+
+
+def run_filter(cfg: Config, *, out_path: str, n: int = 8, lo: float = 0.125, hi: float = 0.875,
+               checkpoint: Optional[str] = None) -> list:
+    from tapo_jax.data.datasets import filter_dataset, write_records
+
+    _setup_logging()
+    policy, params = _policy_for(cfg, checkpoint)
+    params = policy.params if params is None else params
+    records = _records(cfg, False)
+    s = cfg.sampling
+    fn = policy.text_sample_fn(params, s.max_new_tokens, s.temperature, s.top_p)
+    kept, rates = filter_dataset(records, lambda prompts, k: fn(prompts, k, cfg.train.seed), n,
+                                 lo, hi)
+    write_records(out_path, kept)
+    rates = np.asarray(rates)
+    print(json.dumps(dict(total=len(records), kept=len(kept), lo=lo, hi=hi,
+                          mean_pass_rate=float(rates.mean()) if rates.size else None,
+                          out=str(out_path))))
+    return kept
