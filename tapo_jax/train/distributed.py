@@ -1,0 +1,206 @@
+"""Multi-process start-up: one call to ``jax.distributed.initialize`` before any JAX computation.
+
+    info = initialize_distributed()    # first thing in main(), before jax.devices() or any array
+
+Every process of a multi-host run executes the same program (SPMD). This module decides whether
+the run is multi-process and, if so, connects the processes; on one process it does nothing.
+
+How the decision is made (first match wins):
+
+1. ``TAPO_DISTRIBUTED=0`` (or ``false``/``off``): never initialise.
+2. Explicit coordinates (multi-node CUDA, or anything else):
+   ``TAPO_COORDINATOR_ADDRESS`` (``host:port`` of process 0; ``JAX_COORDINATOR_ADDRESS`` is read
+   too), ``TAPO_NUM_PROCESSES`` and ``TAPO_PROCESS_ID``. Optional ``TAPO_LOCAL_DEVICE_IDS``
+   (comma list, e.g. ``0,1,2,3``) restricts the devices this process drives.
+3. A cluster JAX detects by itself, for which ``jax.distributed.initialize()`` takes no arguments:
+   Slurm (``SLURM_NTASKS > 1``), Open MPI (``OMPI_COMM_WORLD_SIZE > 1``), a Cloud TPU VM (TPU
+   chips under ``/dev/accel*`` or ``/dev/vfio``, or ``TPU_WORKER_HOSTNAMES`` / ``MEGASCALE_*`` in
+   the environment), or ``TAPO_DISTRIBUTED=1`` (force; ``launch/tpu.sh`` sets it).
+4. Otherwise: single process, no-op.
+
+``TAPO_INIT_TIMEOUT`` (seconds, default 300) bounds the wait for the other processes.
+
+After initialisation, a normal exit passes JAX's shutdown barrier (so process 0 keeps the
+coordination service until every peer has left), and an uncaught exception exits at once with
+status 1 (the peers then stop through the runtime's heartbeat, about 100 s later).
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+logger = logging.getLogger(__name__)
+
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process sits in the run (filled after initialisation, or for one process)."""
+
+    process_index: int
+    process_count: int
+    local_device_count: int
+    device_count: int
+    initialized: bool  # True when jax.distributed.initialize was called by this module
+    method: str  # "single", "env", "slurm", "ompi", "tpu", "forced" or "already"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    method: str
+    kwargs: dict
+
+
+def _int_env(env: Mapping[str, str], name: str) -> Optional[int]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def _tpu_vm_present(env: Mapping[str, str]) -> bool:
+    if env.get("TPU_SKIP_MDS_QUERY") is not None:
+        return False
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def plan_initialization(env: Mapping[str, str] | None = None) -> Optional[_Plan]:
+    """Decide how (or whether) to call ``jax.distributed.initialize`` from ``env``.
+
+    Returns None for a single process. Raises ValueError on incomplete or inconsistent variables.
+    """
+    env = os.environ if env is None else env
+    mode = env.get("TAPO_DISTRIBUTED", "auto").strip().lower()
+    if mode in _OFF:
+        return None
+    if mode not in _ON and mode != "auto":
+        raise ValueError(f"TAPO_DISTRIBUTED={mode!r} must be auto, 1 or 0")
+    timeout = _int_env(env, "TAPO_INIT_TIMEOUT") or 300
+
+    address = env.get("TAPO_COORDINATOR_ADDRESS") or env.get("JAX_COORDINATOR_ADDRESS")
+    num = _int_env(env, "TAPO_NUM_PROCESSES")
+    pid = _int_env(env, "TAPO_PROCESS_ID")
+    if address or num is not None or pid is not None:
+        given = (("TAPO_COORDINATOR_ADDRESS", address), ("TAPO_NUM_PROCESSES", num),
+                 ("TAPO_PROCESS_ID", pid))
+        missing = [name for name, v in given if v is None]
+        if missing:
+            raise ValueError(
+                "multi-process run needs TAPO_COORDINATOR_ADDRESS (host:port of process 0), "
+                f"TAPO_NUM_PROCESSES and TAPO_PROCESS_ID; missing: {', '.join(missing)}"
+            )
+        if ":" not in address:
+            raise ValueError(f"TAPO_COORDINATOR_ADDRESS={address!r} must look like host:port")
+        if num < 1 or not 0 <= pid < num:
+            raise ValueError(
+                f"need 0 <= TAPO_PROCESS_ID < TAPO_NUM_PROCESSES, got {pid} and {num}"
+            )
+        if num == 1 and mode not in _ON:
+            return None
+        kwargs = dict(coordinator_address=address, num_processes=num, process_id=pid,
+                      initialization_timeout=timeout)
+        ids = env.get("TAPO_LOCAL_DEVICE_IDS")
+        if ids:
+            try:
+                kwargs["local_device_ids"] = [int(i) for i in ids.split(",")]
+            except ValueError:
+                raise ValueError(f"TAPO_LOCAL_DEVICE_IDS={ids!r} must be a comma list") from None
+        return _Plan("env", kwargs)
+
+    auto = dict(initialization_timeout=timeout)
+    if (_int_env(env, "SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return _Plan("slurm", auto)
+    if (_int_env(env, "OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return _Plan("ompi", auto)
+    if _tpu_vm_present(env):
+        return _Plan("tpu", auto)
+    if mode in _ON:
+        return _Plan("forced", auto)
+    return None
+
+
+def _describe(initialized: bool, method: str) -> DistributedInfo:
+    import jax
+
+    info = DistributedInfo(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_device_count=jax.local_device_count(),
+        device_count=jax.device_count(),
+        initialized=initialized,
+        method=method,
+    )
+    logger.info(
+        "process %d of %d (%s): %d local devices, %d global devices, platform %s",
+        info.process_index, info.process_count, method, info.local_device_count,
+        info.device_count, jax.devices()[0].platform,
+    )
+    return info
+
+
+def initialize_distributed(env: Mapping[str, str] | None = None) -> DistributedInfo:
+    """Connect the processes of a multi-process run (no-op on one process); see module docstring.
+
+    Must run before anything touches a JAX backend. Safe to call twice: the second call only
+    reports. Returns this process's :class:`DistributedInfo`.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return _describe(False, "already")
+    plan = plan_initialization(env)
+    if plan is None:
+        return _describe(False, "single")
+    logger.info("jax.distributed.initialize (%s): %s", plan.method,
+                {k: v for k, v in plan.kwargs.items() if k != "initialization_timeout"})
+    jax.distributed.initialize(**plan.kwargs)
+    _shutdown_at_exit()
+    return _describe(True, plan.method)
+
+
+def _shutdown_at_exit() -> None:
+    """Leave through JAX's shutdown barrier on a normal exit; leave at once after a crash.
+
+    Without the barrier, process 0 may tear down the coordination service while its peers are
+    still leaving, and they hang or abort at exit. After an uncaught exception the process prints
+    the traceback and exits with status 1 without waiting for its peers (the runtime client would
+    otherwise wait for them at teardown); the peers then fail through the heartbeat instead of
+    waiting forever in a collective. Other exit handlers are skipped in that case.
+    """
+    import jax
+
+    previous_hook = sys.excepthook
+
+    def exit_on_failure(*exc_info) -> None:
+        previous_hook(*exc_info)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
+
+    def shutdown() -> None:
+        if jax.distributed.is_initialized():
+            jax.distributed.shutdown()
+
+    sys.excepthook = exit_on_failure
+    atexit.register(shutdown)
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that writes logs, reports and exported checkpoints)."""
+    import jax
+
+    return jax.process_index() == 0

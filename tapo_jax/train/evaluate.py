@@ -1,0 +1,486 @@
+"""Evaluation: unbiased Pass@k over R runs, and the reflection capability analysis (DSR, ERR).
+
+    result = run_eval(sample_fn, problems, cfg.eval, seed=0)   # sample_fn(prompts, n, seed)
+    write_report(result, out_dir, "after")                      # eval.json + eval.md
+
+Pass@k (Chen et al. 2021) from n samples of which c are correct: 1 - C(n-c, k) / C(n, k),
+computed as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i) so no binomial ever overflows. Each run
+averages over problems; the report gives mean +- std (population std) over the R runs.
+
+Capability analysis (paper section 5, on problems whose pass rate within a run is in (0, 1)):
+
+- A response *reflects* when a reflection marker ("Wait", "Hmm", "Let me re-check", "Actually,",
+  ...) is followed by an answer change: a value stated before the marker is revised after it
+  (the same equation ``a - b = v`` restated with another value; the last step before the marker
+  redone from the same first operand with another result; or a boxed answer before the marker
+  that differs from the final one). A marker with no change is a check, not a reflection.
+- DSR (direct solve rate) = correct responses with no reflection / correct responses.
+- ERR (error recovery rate) = reflecting responses that end correct with an error confirmed before
+  the reflection / reflecting responses. The error is confirmed by ``oracle(problem, prefix)``
+  when given (:func:`arithmetic_oracle` for the embedded task); otherwise by the revision itself:
+  a restated equation whose left side evaluates exactly must have had a wrong value (a correct
+  value revised is a flip, not a fix); a redone step or a revised boxed answer counts as fixing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+SampleFn = Callable[[list[str], int, int], list[list[str]]]
+Oracle = Callable[["EvalProblem", str], bool]
+
+# --------------------------------------------------------------------------------------------
+# Pass@k
+# --------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: Any, c: Any, k: int) -> np.ndarray:
+    """Unbiased Pass@k, float64 with the broadcast shape of ``n`` and ``c`` (e.g. [P])."""
+    n, c = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(c, np.int64))
+    if k < 1:
+        raise ValueError(f"pass_at_k: k must be >= 1, got {k}")
+    if n.size == 0:
+        return np.zeros(n.shape, np.float64)
+    if np.any(c < 0) or np.any(c > n):
+        raise ValueError("pass_at_k: need 0 <= c <= n for every problem")
+    if np.any(n < k):
+        raise ValueError(f"pass_at_k: every n must be >= k = {k}, got min n = {n.min()}")
+    i = np.arange(1, int(n.max()) + 1, dtype=np.float64)  # [M]
+    in_range = (i > (n - c)[..., None]) & (i <= n[..., None])  # [..., M]: i in (n-c, n]
+    prod = np.prod(np.where(in_range, 1.0 - k / i, 1.0), axis=-1)
+    return np.where(n - c < k, 1.0, 1.0 - prod)
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, Optional[float]]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None}
+    return {"mean": float(v.mean()), "std": float(v.std())}
+
+
+def evaluate_samples(correct: Any, k_max: int = 5) -> dict[str, dict]:
+    """Pass@1..k_max from correctness bool[R, P, n] (or bool[P, n] for one run).
+
+    Returns ``{"pass@k": {"mean", "std", "runs": [per-run value]}}``; each run's value is the mean
+    over its P problems.
+    """
+    correct = np.asarray(correct, bool)
+    if correct.ndim == 2:
+        correct = correct[None]
+    if correct.ndim != 3:
+        raise ValueError(f"evaluate_samples: expected bool[R, P, n], got shape {correct.shape}")
+    _, _, n = correct.shape
+    if k_max > n:
+        raise ValueError(f"evaluate_samples: k_max = {k_max} exceeds n = {n} samples per problem")
+    c = correct.sum(-1)  # [R, P]
+    out = {}
+    for k in range(1, k_max + 1):
+        runs = [float(pass_at_k(n, c_r, k).mean()) for c_r in c]
+        out[f"pass@{k}"] = dict(_mean_std(runs), runs=runs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reflection detector
+# --------------------------------------------------------------------------------------------
+
+MARKERS = re.compile(
+    r"\bwait\b|\bhmm+\b|\bactually,|\bon second thought\b|\bi made a mistake\b"
+    r"|\bthat(?:'s| is) (?:not right|wrong|incorrect)\b|\bcorrection\b"
+    r"|\blet me (?:re-?check|double[- ]check|re-?verify|verify|re-?examine|re-?calculate"
+    r"|recompute|reconsider|check again)",
+    re.IGNORECASE,
+)
+MAX_MARKERS = 256  # markers examined per response (bounds the work on degenerate outputs)
+_SAME_LENGTH_OPS = ((r"\times", "*     "), (r"\cdot", "*    "), (r"\div", "/   "),
+                    ("×", "*"), ("÷", "/"))
+_ARITH_CHARS = frozenset("0123456789.+-*/() \t")
+_VALUE = re.compile(r"=[ \t]*(-?\d+(?:\.\d+)?)(?![\d.]*\d)")
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|[-+*/()]|\S")
+_CONTINUES = re.compile(r"[\w^\\}!%']")  # adjacent to a left side: the expression goes on
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+@dataclass(frozen=True)
+class Reflection:
+    """Reflection analysis of one response."""
+
+    has_marker: bool  # some marker occurs
+    reflects: bool  # a marker followed by an answer change
+    position: int = -1  # character offset of the reflecting marker (-1: none)
+    marker: str = ""
+    evidence_of_error: bool = False  # a revised value is verifiably wrong (see module docstring)
+
+
+@dataclass(frozen=True)
+class _Eq:
+    start: int  # character offset of the left side
+    lhs: str  # canonical left side: numbers, + - * / and parentheses, no spaces
+    value: Fraction
+
+
+def _left_side(text: str, end: int) -> tuple[int, str] | None:
+    """The arithmetic expression ending at ``end`` (just before an ``=``), or None.
+
+    Scans back over arithmetic characters only, so the work is linear in the text. Rejects
+    expressions that continue to the left (``2^3 + 1``, ``x + 1``) and single numbers.
+    """
+    start = end
+    while start > 0 and text[start - 1] in _ARITH_CHARS:
+        start -= 1
+    tokens = [(t.group(), t.start()) for t in _TOKEN.finditer(text, start, end)]
+    keep = len(tokens)
+    while keep > 0 and (tokens[keep - 1][0][0].isdigit() or tokens[keep - 1][0] in "+-*/()"):
+        keep -= 1
+    tokens = tokens[keep:]
+    if not tokens:
+        return None
+    first, pos = tokens[0]
+    before = text[:pos].rstrip()
+    if first in "+*/)" or (first == "-" and before[-1:] and _CONTINUES.match(before[-1])):
+        return None  # a binary operator: the expression starts further left
+    if keep == 0 and pos > 0 and _CONTINUES.match(text[pos - 1]):
+        return None  # glued to a letter, ^, \ or }: not a plain arithmetic expression
+    lhs = "".join(t for t, _ in tokens)
+    depth = 0
+    for c in lhs:
+        depth += (c == "(") - (c == ")")
+        if depth < 0:
+            return None
+    if depth or sum(t[0].isdigit() for t, _ in tokens) < 2:
+        return None
+    return pos, lhs
+
+
+def _equations(text: str) -> list[_Eq]:
+    """Every ``a op b ... = v`` with a numeric left side in ``text``, in order."""
+    for src, dst in _SAME_LENGTH_OPS:  # keeps character offsets
+        text = text.replace(src, dst)
+    out = []
+    for m in _VALUE.finditer(text):
+        found = _left_side(text, m.start())
+        if found is not None:
+            out.append(_Eq(found[0], found[1], Fraction(m.group(1))))
+    return out
+
+
+def _first_operand(lhs: str) -> Fraction:
+    return Fraction(re.match(r"\(*(-?\d+(?:\.\d+)?)", lhs).group(1))
+
+
+def _redoes(last: _Eq, first: _Eq) -> bool:
+    """The first equation after a marker redoes the last one before it: the same first operand,
+    another left side and another value (``68 - 71 = -3`` then ``Wait, it should be
+    68 - 17 = 51``)."""
+    return (_first_operand(last.lhs) == _first_operand(first.lhs) and last.lhs != first.lhs
+            and last.value != first.value)
+
+
+def _exact(lhs: str) -> Optional[Fraction]:
+    """Exact value of a canonical left side (numbers, + - * /, parentheses), or None."""
+    tokens = re.findall(r"\d+(?:\.\d+)?|[-+*/()]", lhs)
+    pos = 0
+
+    def expr() -> Fraction:
+        nonlocal pos
+        v = term()
+        while pos < len(tokens) and tokens[pos] in "+-":
+            op, pos = tokens[pos], pos + 1
+            v = v + term() if op == "+" else v - term()
+        return v
+
+    def term() -> Fraction:
+        nonlocal pos
+        v = atom()
+        while pos < len(tokens) and tokens[pos] in "*/":
+            op, pos = tokens[pos], pos + 1
+            rhs = atom()
+            v = v * rhs if op == "*" else v / rhs
+        return v
+
+    def atom() -> Fraction:
+        nonlocal pos
+        t, pos = tokens[pos], pos + 1
+        if t == "-":
+            return -atom()
+        if t == "(":
+            v = expr()
+            pos += 1  # ")"
+            return v
+        return Fraction(t)
+
+    try:
+        value = expr()
+    except (IndexError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+    return value if pos == len(tokens) else None
+
+
+def _boxes(text: str) -> list[tuple[int, str]]:
+    """(offset, content) of every closed ``\\boxed{...}``, in order of opening (one pass)."""
+    opens = {m.end() - 1 for m in _BOX_OPEN.finditer(text)}  # offsets of the boxes' "{"
+    stack, found = [], []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            o = stack.pop()
+            if o in opens:
+                found.append((o, text[o + 1: m.start()].strip()))
+    return sorted(found)
+
+
+def _norm_answer(s: str) -> str:
+    from tapo_jax.rewards.normalize import normalize
+
+    return normalize(s)
+
+
+def detect_reflection(text: str) -> Reflection:
+    """Find the first marker after which a value stated before it is revised."""
+    markers = list(itertools.islice(MARKERS.finditer(text), MAX_MARKERS))
+    if not markers:
+        return Reflection(False, False)
+    eqs, boxes = _equations(text), _boxes(text)
+    final = _norm_answer(boxes[-1][1]) if boxes else None
+    before: dict[str, Fraction] = {}  # left side -> last value stated before the marker
+    i = 0
+    for m in markers:
+        while i < len(eqs) and eqs[i].start < m.start():
+            before[eqs[i].lhs] = eqs[i].value
+            i += 1
+        for eq in eqs[i:]:
+            old = before.get(eq.lhs)
+            if old is not None and old != eq.value:
+                exact = _exact(eq.lhs)
+                wrong = exact is None or old != exact
+                return Reflection(True, True, m.start(), m.group(0), wrong)
+        if 0 < i < len(eqs) and _redoes(eqs[i - 1], eqs[i]):
+            return Reflection(True, True, m.start(), m.group(0), True)
+        pre_boxes = [c for o, c in boxes if o < m.start()]
+        if pre_boxes and final is not None and _norm_answer(pre_boxes[-1]) != final:
+            return Reflection(True, True, m.start(), m.group(0), True)
+    return Reflection(True, False)
+
+
+# --------------------------------------------------------------------------------------------
+# DSR / ERR
+# --------------------------------------------------------------------------------------------
+
+
+def capability_metrics(correct: Any, reflects: Any, recovered: Any) -> dict[str, Any]:
+    """DSR and ERR of one run from bool[P, n] arrays, on problems with pass rate in (0, 1).
+
+    ``recovered[p, i]``: response i reflected on an error confirmed before its reflection.
+    DSR / ERR are None when their denominators are empty.
+    """
+    correct, reflects, recovered = (np.asarray(a, bool) for a in (correct, reflects, recovered))
+    rate = correct.mean(-1)
+    zpd = (rate > 0) & (rate < 1)  # [P]
+    c, r, f = correct[zpd], reflects[zpd], recovered[zpd]
+    counts = dict(
+        zpd_problems=int(zpd.sum()),
+        zpd_responses=int(c.size),
+        correct=int(c.sum()),
+        correct_direct=int((c & ~r).sum()),
+        reflecting=int(r.sum()),
+        reflecting_recovered=int((r & f & c).sum()),
+    )
+    dsr = counts["correct_direct"] / counts["correct"] if counts["correct"] else None
+    err = counts["reflecting_recovered"] / counts["reflecting"] if counts["reflecting"] else None
+    return dict(dsr=dsr, err=err, counts=counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Running an evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalProblem:
+    prompt: str
+    answer: str
+    meta: Any = None  # the task's own problem object (e.g. for the arithmetic oracle)
+
+
+@dataclass
+class EvalResult:
+    pass_at_k: dict[str, dict]  # "pass@k" -> {"mean", "std", "runs"}
+    dsr: dict[str, Optional[float]]  # {"mean", "std"} over runs
+    err: dict[str, Optional[float]]
+    counts: dict[str, int]  # summed over runs
+    per_run: list[dict] = field(default_factory=list)
+    problem_pass_rate: list[float] = field(default_factory=list)  # [P], mean over runs
+    reasons: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def arithmetic_oracle(problem: EvalProblem, prefix: str) -> bool:
+    """True when a line of ``prefix`` (the response before its reflection) is wrong, by the
+    arithmetic task's oracle (:func:`tapo_jax.data.arithmetic.first_error_step`); lines missing
+    at the end of the prefix do not count as errors."""
+    from tapo_jax.data.arithmetic import first_error_step, parse_steps
+
+    question = getattr(problem.meta, "question", None) or problem.prompt
+    step = first_error_step(question, prefix)
+    return step is not None and step < len(parse_steps(prefix))
+
+
+def as_problem(item: Any) -> EvalProblem:
+    """An :class:`EvalProblem` from a dict or an object with ``prompt`` (or ``question``) and
+    ``answer`` (e.g. a dataset ``Record`` or an arithmetic ``Problem``, kept as ``meta``)."""
+    if isinstance(item, EvalProblem):
+        return item
+    if isinstance(item, dict) and "prompt" in item and "answer" in item:
+        return EvalProblem(str(item["prompt"]), str(item["answer"]), item.get("meta"))
+    prompt = getattr(item, "prompt", None) or getattr(item, "question", None)
+    answer = getattr(item, "answer", None)
+    if prompt is None or answer is None:
+        raise TypeError(
+            f"evaluation problem needs 'prompt' and 'answer', got {type(item).__name__}"
+        )
+    return EvalProblem(str(prompt), str(answer), item)
+
+
+def run_seed(seed: int, run: int) -> int:
+    """Independent 31-bit sampling seed of run ``run`` (distinct across seeds and runs)."""
+    return int(np.random.SeedSequence([seed, run]).generate_state(1)[0] >> 1)
+
+
+def run_eval(
+    sample_fn: SampleFn,
+    problems: Sequence[Any],
+    cfg: Any,
+    *,
+    seed: int,
+    oracle: Optional[Oracle] = None,
+    score_fn: Optional[Callable] = None,
+    num_examples: int = 3,
+) -> EvalResult:
+    """Evaluate a policy: R = ``cfg.runs`` runs of ``cfg.num_samples`` completions per problem.
+
+    ``cfg`` is an :class:`tapo_jax.config.EvalConfig`. ``sample_fn(prompts, n, seed)`` returns,
+    per prompt, n completion texts; it owns templates, tokenization and the sampling settings
+    (``cfg.temperature``, ``cfg.top_p``, ``cfg.max_new_tokens``). Responses are scored by
+    ``score_fn`` (default :func:`tapo_jax.rewards.math.score`). ``oracle(problem, prefix) ->
+    bool`` confirms an error before a reflection (default: the evidence in the revision itself).
+    """
+    if score_fn is None:
+        from tapo_jax.rewards.math import score as score_fn
+    items = [as_problem(p) for p in problems]
+    if cfg.num_problems > 0:
+        items = items[: cfg.num_problems]
+    if not items:
+        raise ValueError("run_eval: no problems to evaluate")
+    n, prompts = cfg.num_samples, [p.prompt for p in items]
+    golds = [p.answer for p in items for _ in range(n)]
+    corrects, per_run, reasons, examples = [], [], {}, []
+    for r in range(cfg.runs):
+        texts = sample_fn(prompts, n, run_seed(seed, r))
+        if len(texts) != len(items) or any(len(t) != n for t in texts):
+            raise ValueError(f"sample_fn must return {len(items)} lists of {n} completions")
+        flat = [t for row in texts for t in row]
+        rewards, why = score_fn(flat, golds)
+        correct = np.asarray(rewards).reshape(len(items), n) > 0
+        refl = [detect_reflection(t) for t in flat]
+        reflects = np.array([a.reflects for a in refl]).reshape(correct.shape)
+        confirmed = []
+        for j, a in enumerate(refl):
+            if a.reflects and oracle is not None:
+                confirmed.append(bool(oracle(items[j // n], flat[j][: a.position])))
+            else:
+                confirmed.append(a.evidence_of_error)
+        cap = capability_metrics(correct, reflects, np.array(confirmed).reshape(correct.shape))
+        for w in why:
+            reasons[w] = reasons.get(w, 0) + 1
+        cap["counts"]["markers_without_change"] = sum(a.has_marker and not a.reflects for a in refl)
+        per_run.append(dict(seed=run_seed(seed, r), dsr=cap["dsr"], err=cap["err"],
+                            counts=cap["counts"]))
+        corrects.append(correct)
+        for j, a in enumerate(refl):
+            if len(examples) < num_examples and a.reflects and confirmed[j] and correct.flat[j]:
+                examples.append(dict(prompt=prompts[j // n], answer=items[j // n].answer,
+                                     response=flat[j][:2000], marker=a.marker))
+    stacked = np.stack(corrects)  # [R, P, n]
+    counts = {k: sum(run["counts"][k] for run in per_run) for k in per_run[0]["counts"]}
+    counts.update(problems=len(items), samples_per_problem=n, runs=cfg.runs,
+                  responses=int(stacked.size), correct_total=int(stacked.sum()))
+    return EvalResult(
+        pass_at_k=evaluate_samples(stacked, cfg.k_max),
+        dsr=_mean_std([run["dsr"] for run in per_run]),
+        err=_mean_std([run["err"] for run in per_run]),
+        counts=counts,
+        per_run=per_run,
+        problem_pass_rate=stacked.mean(axis=(0, 2)).tolist(),
+        reasons=reasons,
+        settings=dict(num_samples=n, k_max=cfg.k_max, runs=cfg.runs, seed=seed,
+                      temperature=cfg.temperature, top_p=cfg.top_p,
+                      oracle=getattr(oracle, "__name__", None) if oracle else None),
+        examples=examples,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(ms: dict) -> str:
+    if ms.get("mean") is None:
+        return "–"
+    return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown tables (one row per named result; values are EvalResult or their dicts)."""
+    rows = {name: r.to_dict() if isinstance(r, EvalResult) else r for name, r in results.items()}
+    k_max = max(len(r["pass_at_k"]) for r in rows.values())
+    head = ["model"] + [f"Pass@{k}" for k in range(1, k_max + 1)] + ["DSR", "ERR"]
+    lines = ["Values in %, mean ± std over runs. DSR / ERR on problems with pass rate in (0, 1).",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [_pct(r["pass_at_k"].get(f"pass@{k}", {})) for k in range(1, k_max + 1)]
+        lines.append("| " + " | ".join([name] + cells + [_pct(r["dsr"]), _pct(r["err"])]) + " |")
+    keys = ["problems", "samples_per_problem", "runs", "correct_total", "zpd_problems",
+            "correct_direct", "reflecting", "reflecting_recovered", "markers_without_change"]
+    lines += ["", "| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for name, r in rows.items():
+        cells = [str(r["counts"].get(k, "–")) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: EvalResult, out_dir: str | Path, name: str = "eval") -> tuple[Path, Path]:
+    """Add ``result`` under ``name`` to ``out_dir/eval.json`` and rewrite ``out_dir/eval.md``.
+
+    Earlier entries of other names (e.g. "before" next to "after") are kept, so one table
+    compares them. Returns the two paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    entries: dict[str, Any] = {}
+    if json_path.is_file():
+        try:
+            entries = json.loads(json_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_path}: existing report is not valid JSON: {e}") from e
+    entries[name] = result.to_dict()
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entries, indent=2, allow_nan=False))
+    tmp.replace(json_path)
+    md_path.write_text("# Evaluation\n\n" + format_table(entries))
+    return json_path, md_path
