@@ -1,0 +1,284 @@
+"""JetStream-style decode engine for the Flax Qwen3, in pure JAX.
+
+Interface (JetStream's, minus its TensorFlow import): ``init_decode_state()``,
+``prefill(params, padded_tokens, true_lengths, ...) -> Prefix``, ``insert(prefix, state, slots)``
+(bulk), ``generate(params, state) -> (state, ResultTokens)`` producing one token for every live
+slot, ``generate_many`` (up to N ``generate`` steps inside one jitted ``lax.while_loop``, so the
+host intervenes only every N tokens), ``free_slots`` and ``update_params``.
+
+Every buffer has a static shape and is donated between calls. Prefill pads prompts to a length
+bucket (powers of two, or ``prefill_buckets``) and a row bucket (powers of two up to the number
+of slots), so the number of compilations is bounded; ``compile_counts`` exposes them.
+
+Randomness: each request carries its own raw PRNG key; token ``t`` of a request is drawn with
+``fold_in(request_key, t)``, so outputs do not depend on slot count or scheduling order.
+Log-probs: see :mod:`tapo_jax.sampling.logits` (unmodified policy at the sampling temperature).
+Letters: S slots, M cache length, L layers, K kv heads, H head dim, P prefill rows, T prefill
+length, V vocabulary, N decode steps per call.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tapo_jax.models import sharding as sharding_lib
+from tapo_jax.models.qwen3 import KVCache, init_cache
+from tapo_jax.sampling.logits import sample_tokens
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache  # k, v [L, S, M, K, H]; pos int32[S, M]
+    next_pos: jax.Array  # int32[S]   position (= cache index) of the token fed next
+    last_token: jax.Array  # int32[S]   token fed at the next step
+    generated: jax.Array  # int32[S]   tokens produced so far (the prefill token included)
+    max_new: jax.Array  # int32[S]   budget of new tokens
+    done: jax.Array  # bool[S]    finished (or empty) slot
+    stopped: jax.Array  # bool[S]    finished by a stop token (vs the length budget)
+    keys: jax.Array  # uint32[S, 2] request PRNG keys
+    temperature: jax.Array  # float32[S]
+    top_p: jax.Array  # float32[S]
+    top_k: jax.Array  # int32[S]
+    min_p: jax.Array  # float32[S]
+    stop_ids: jax.Array  # int32[E]   stop tokens (-1 = unused entry)
+
+
+@flax.struct.dataclass
+class Prefix:
+    """Prefilled requests, ready to insert: their KV and first sampled token."""
+
+    k: jax.Array  # [L, P, T, K, H]
+    v: jax.Array  # [L, P, T, K, H]
+    true_length: jax.Array  # int32[P]
+    first_token: jax.Array  # int32[P]
+    first_logprob: jax.Array  # float32[P]
+    keys: jax.Array  # uint32[P, 2]
+
+
+@flax.struct.dataclass
+class ResultTokens:
+    """Tokens of N decode steps for every slot. ``valid[s, i]``: slot s produced token i."""
+
+    tokens: jax.Array  # int32[S, N]
+    logprobs: jax.Array  # float32[S, N]
+    valid: jax.Array  # bool[S, N]
+    lengths: jax.Array  # int32[S]  tokens generated so far per slot
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Engine:
+    """Owns the sampling-time copy of the weights and the compiled prefill / decode functions."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *, num_slots: int,
+                 max_len: int, mesh: Any = None, prefill_buckets: Optional[Sequence[int]] = None,
+                 max_stop_ids: int = 8, cache_dtype: Any = None):
+        self.graphdef = graphdef
+        self.cfg = nnx.merge(graphdef, params).cfg
+        if num_slots < 1 or max_len < 2:
+            raise ValueError(f"num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
+        self.num_slots, self.max_len = num_slots, max_len
+        self.mesh = mesh if mesh is not None else sharding_lib.make_mesh(
+            _single_mesh_cfg(), devices=jax.devices()[:1])
+        self.rules = sharding_lib.SAMPLE_RULES
+        self.prefill_buckets = tuple(sorted(prefill_buckets)) if prefill_buckets else None
+        self.max_stop_ids = max_stop_ids
+        self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
+        self.compile_counts: collections.Counter = collections.Counter()
+        self._params_sh = sharding_lib.state_shardings(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), self.mesh,
+            self.rules)
+        self._copy = jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p),
+                             out_shardings=self._params_sh)
+        self.params = self._copy(params)
+        n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._slot_multiple = n_dp if num_slots % n_dp == 0 else 1
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("k_bound", "filtered"))
+        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,),
+                                 static_argnames=("steps", "k_bound", "filtered"))
+
+    # -------------------------------------------------------------------- weights and state
+    def update_params(self, params: nnx.State) -> None:
+        """New policy weights (resharded to the sampling rules; a copy, never an alias)."""
+        self.params = self._copy(params)
+
+    def init_decode_state(self, stop_ids: Sequence[int] = ()) -> DecodeState:
+        S, E = self.num_slots, self.max_stop_ids
+        stops = np.full((E,), -1, np.int32)
+        stops[: len(stop_ids)] = stop_ids
+        state = DecodeState(
+            cache=init_cache(self.cfg, S, self.max_len, self.cache_dtype),
+            next_pos=jnp.zeros((S,), jnp.int32), last_token=jnp.zeros((S,), jnp.int32),
+            generated=jnp.zeros((S,), jnp.int32), max_new=jnp.zeros((S,), jnp.int32),
+            done=jnp.ones((S,), bool), stopped=jnp.zeros((S,), bool),
+            keys=jnp.zeros((S, 2), jnp.uint32), temperature=jnp.ones((S,), jnp.float32),
+            top_p=jnp.ones((S,), jnp.float32), top_k=jnp.zeros((S,), jnp.int32),
+            min_p=jnp.zeros((S,), jnp.float32), stop_ids=jnp.asarray(stops))
+        return jax.device_put(state, self._state_shardings(state))
+
+    def _state_shardings(self, state: DecodeState) -> DecodeState:
+        slot = sharding_lib.logical_sharding(self.mesh, ("batch",), self.rules,
+                                             (self.num_slots,))
+        slot2 = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules,
+                                              (self.num_slots, 2))
+        rep = sharding_lib.logical_sharding(self.mesh, (None,), self.rules, (self.max_stop_ids,))
+        return DecodeState(
+            cache=sharding_lib.cache_shardings(state.cache, self.mesh, self.rules),
+            next_pos=slot, last_token=slot, generated=slot, max_new=slot, done=slot,
+            stopped=slot, keys=slot2, temperature=slot, top_p=slot, top_k=slot, min_p=slot,
+            stop_ids=rep)
+
+    # -------------------------------------------------------------------- buckets
+    def length_bucket(self, n: int) -> int:
+        if self.prefill_buckets:
+            for b in self.prefill_buckets:
+                if b >= n:
+                    return b
+            raise ValueError(f"prompt of {n} tokens exceeds the largest prefill bucket "
+                             f"{self.prefill_buckets[-1]}")
+        return min(max(8, _pow2_at_least(n)), self.max_len)
+
+    def row_bucket(self, n: int) -> int:
+        """Prefill rows: powers of two from num_slots / 8 up to num_slots (few compilations)."""
+        floor = max(self._slot_multiple, self.num_slots // 8, 1)
+        b = min(max(floor, _pow2_at_least(n)), self.num_slots)
+        return -(-b // self._slot_multiple) * self._slot_multiple
+
+    # -------------------------------------------------------------------- prefill
+    def _prefill_impl(self, params, tokens, true_length, keys, temperature, top_p, top_k, min_p,
+                      *, k_bound, filtered):
+        self.compile_counts["prefill"] += 1  # runs at trace time only: counts compilations
+        model = nnx.merge(self.graphdef, params)
+        P, T = tokens.shape
+        mask = jnp.arange(T)[None, :] < true_length[:, None]
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+        cache = init_cache(self.cfg, P, T, self.cache_dtype)
+        hidden, cache = model(tokens, positions, mask, cache=cache, return_hidden=True)
+        last = jnp.take_along_axis(hidden, (true_length - 1)[:, None, None], axis=1)[:, 0]
+        logits = model.logits_from_hidden(last).astype(jnp.float32)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+        tok, lp = sample_tokens(logits, step_keys, temperature, top_k, top_p, min_p,
+                                k_bound=k_bound, filtered=filtered)
+        return Prefix(k=cache.k, v=cache.v, true_length=true_length, first_token=tok,
+                      first_logprob=lp, keys=keys)
+
+    def prefill(self, tokens: np.ndarray, true_length: np.ndarray, keys: np.ndarray,
+                sampling: dict[str, np.ndarray], *, k_bound: int, filtered: bool) -> Prefix:
+        """Prefill right-padded prompts int32[P, T] and sample each one's first token."""
+        return self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(true_length),
+                             jnp.asarray(keys), *(jnp.asarray(sampling[k]) for k in
+                                                  ("temperature", "top_p", "top_k", "min_p")),
+                             k_bound=k_bound, filtered=filtered)
+
+    # -------------------------------------------------------------------- insert
+    def _insert_impl(self, prefix, state, slots, max_new, temperature, top_p, top_k, min_p):
+        """Write prefix rows into ``slots`` (int32[P], -1 = skip this row)."""
+        self.compile_counts["insert"] += 1
+        T = prefix.k.shape[2]
+        M = state.cache.pos.shape[1]
+        tgt = jnp.where(slots >= 0, slots, self.num_slots)  # out of range -> dropped
+        k = state.cache.k.at[:, tgt, :T].set(prefix.k.astype(state.cache.k.dtype), mode="drop")
+        v = state.cache.v.at[:, tgt, :T].set(prefix.v.astype(state.cache.v.dtype), mode="drop")
+        cols = jnp.arange(M)[None, :]
+        pos_rows = jnp.where(cols < prefix.true_length[:, None], cols, -1).astype(jnp.int32)
+        pos = state.cache.pos.at[tgt].set(pos_rows, mode="drop")
+        first_stop = jnp.any(prefix.first_token[:, None] == state.stop_ids[None, :], axis=-1)
+        done = first_stop | (max_new <= 1)
+
+        def put(field, value):
+            return field.at[tgt].set(value.astype(field.dtype), mode="drop")
+
+        return state.replace(
+            cache=KVCache(k=k, v=v, pos=pos),
+            next_pos=put(state.next_pos, prefix.true_length),
+            last_token=put(state.last_token, prefix.first_token),
+            generated=put(state.generated, jnp.ones_like(slots)),
+            max_new=put(state.max_new, max_new), done=put(state.done, done),
+            stopped=put(state.stopped, first_stop), keys=put(state.keys, prefix.keys),
+            temperature=put(state.temperature, temperature), top_p=put(state.top_p, top_p),
+            top_k=put(state.top_k, top_k), min_p=put(state.min_p, min_p))
+
+    def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray, max_new: np.ndarray,
+               sampling: dict[str, np.ndarray]) -> DecodeState:
+        return self._insert(prefix, state, jnp.asarray(slots, jnp.int32),
+                            jnp.asarray(max_new, jnp.int32),
+                            *(jnp.asarray(sampling[k]) for k in
+                              ("temperature", "top_p", "top_k", "min_p")))
+
+    # -------------------------------------------------------------------- generate
+    def _step(self, params, state: DecodeState, k_bound, filtered):
+        model = nnx.merge(self.graphdef, params)
+        live = ~state.done
+        logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
+                              live[:, None], cache=state.cache, cache_index=state.next_pos)
+        keys = jax.vmap(jax.random.fold_in)(state.keys, state.generated)
+        tok, lp = sample_tokens(logits[:, 0].astype(jnp.float32), keys, state.temperature,
+                                state.top_k, state.top_p, state.min_p, k_bound=k_bound,
+                                filtered=filtered)
+        is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1)
+        generated = state.generated + live
+        out_of_room = state.next_pos + 2 > state.cache.pos.shape[1]
+        done = state.done | (live & (is_stop | (generated >= state.max_new) | out_of_room))
+        new = state.replace(
+            cache=cache,
+            next_pos=jnp.where(live, state.next_pos + 1, state.next_pos),
+            last_token=jnp.where(live, tok, state.last_token), generated=generated,
+            done=done, stopped=state.stopped | (live & is_stop))
+        return new, tok, lp, live
+
+    def _generate_impl(self, params, state, *, steps, k_bound, filtered):
+        self.compile_counts["generate"] += 1
+        S = state.done.shape[0]
+        buf = (jnp.zeros((S, steps), jnp.int32), jnp.zeros((S, steps), jnp.float32),
+               jnp.zeros((S, steps), bool))
+
+        def cond(carry):
+            i, st, _ = carry
+            return (i < steps) & ~jnp.all(st.done)
+
+        def body(carry):
+            i, st, (toks, lps, valid) = carry
+            st, tok, lp, live = self._step(params, st, k_bound, filtered)
+            toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+            lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
+            valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
+            return i + 1, st, (toks, lps, valid)
+
+        _, state, (toks, lps, valid) = jax.lax.while_loop(cond, body, (0, state, buf))
+        return state, ResultTokens(tokens=toks, logprobs=lps, valid=valid,
+                                   lengths=state.generated)
+
+    def generate(self, state: DecodeState, *, steps: int = 1, k_bound: int, filtered: bool
+                 ) -> tuple[DecodeState, ResultTokens]:
+        """Up to ``steps`` tokens for every live slot (stops early when every slot is done)."""
+        return self._generate(self.params, state, steps=steps, k_bound=k_bound,
+                              filtered=filtered)
+
+    def free_slots(self, state: DecodeState, slots: Sequence[int]) -> DecodeState:
+        idx = jnp.asarray(list(slots), jnp.int32)
+        return state.replace(done=state.done.at[idx].set(True))
+
+
+def _single_mesh_cfg():
+    from tapo_jax.config import MeshConfig
+
+    return MeshConfig(data=1, fsdp=1, tensor=1)
