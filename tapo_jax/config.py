@@ -329,7 +329,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         for part in reversed(path):
             nested = {part: nested}
         cfg = _build(Config, nested, "", f"override '{item}'", cfg)
-        validate(cfg, f"override '{item}'")
+    validate(cfg, "overrides " + " ".join(overrides))
     return cfg
 
 
@@ -347,10 +347,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from e
         cfg = from_dict(data, source)
+    if overrides:  # values are checked once, after every override (they may fix each other)
+        for item in overrides:
+            path_, value = _parse_override(item)
+            nested: Any = value
+            for part in reversed(path_):
+                nested = {part: nested}
+            cfg = _build(Config, nested, "", f"override '{item}'", cfg)
+        source = f"{source} with overrides"
     validate(cfg, source)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-        validate(cfg, "overrides")
     return cfg
 
 

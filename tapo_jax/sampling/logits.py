@@ -7,9 +7,17 @@ temperature 0, i.e. greedy), taken *before* any top-k / top-p / min-p truncation
 rollout-time log-prob that the RL objective compares against (a truncated distribution would make
 every excluded token's probability 0 and bias the importance ratio).
 
-Top-p never sorts the full vocabulary when top-k bounds it: candidates come from
-``lax.top_k(logits, k_bound)`` (sorted), where ``k_bound`` is a static bound on the per-row top-k;
-only with top-k off and top-p or min-p on is the whole vocabulary sorted.
+Truncation, in this order: top-k keeps the k most likely tokens; top-p keeps the smallest set of
+the most likely remaining tokens whose mass (renormalised after top-k) reaches p, i.e. token i
+stays iff the mass of the tokens strictly more likely than i is below p; min-p keeps tokens with
+probability >= min_p times the most likely one's. The most likely token always stays.
+
+Nothing sorts the full vocabulary. With top-k on, candidates come from ``lax.top_k(logits,
+k_bound)`` (C = k_bound sorted candidates, ``k_bound`` a static bound on every row's top-k).
+Otherwise the cut-offs are probability thresholds found by an exact bisection over the bit
+patterns of float32 probabilities (31 vectorised passes over the vocabulary), and the token is
+drawn by inversion of the cumulative distribution (one uniform number per row). On exact ties at
+a cut-off the threshold keeps every tied token.
 Letters: S rows (decode slots), V vocabulary, C candidates (k_bound).
 """
 
@@ -19,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+_BISECT_STEPS = 31  # covers every non-negative float32 bit pattern
 
 
 def sampled_logprob(logits: jax.Array, tokens: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -48,6 +57,63 @@ def filter_candidates(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min
     return jnp.where(keep, vals, NEG_INF), ids
 
 
+def _bisect_bits(pred, hi: jax.Array) -> jax.Array:
+    """Bit pattern (int32[S]) of the smallest non-negative float32 t <= ``hi`` with ``pred(t)``
+    true, per row, for a predicate that is false below some point and true from it on, and true
+    at ``hi`` (f32[S]). Non-negative float32 values order like their bit patterns."""
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = pred(jax.lax.bitcast_convert_type(mid, jnp.float32))
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    hi_bits = jax.lax.bitcast_convert_type(hi, jnp.int32)
+    _, hi_bits = jax.lax.fori_loop(0, _BISECT_STEPS, body, (jnp.full_like(hi_bits, -1), hi_bits))
+    return hi_bits
+
+
+def truncation_mask(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array
+                    ) -> jax.Array:
+    """bool[S, V]: tokens kept by top-k, top-p and min-p (module doc), without sorting.
+
+    probs f32[S, V] (softmax of the scaled logits); per-row params [S] as in filter_candidates.
+    """
+    V = probs.shape[-1]
+    p_max = jnp.max(probs, axis=-1)
+    use_k = (top_k > 0) & (top_k < V)
+
+    def kth_largest(_):
+        # Smallest t with fewer than k tokens >= t is the float just above the k-th largest
+        # probability; one bit pattern below it is that probability.
+        fewer = lambda t: jnp.sum(probs >= t[:, None], axis=-1) < top_k  # noqa: E731
+        nxt = jnp.minimum(p_max * 2.0 + 1e-30, jnp.float32(3e38))  # fewer(nxt) is true
+        return jax.lax.bitcast_convert_type(_bisect_bits(fewer, nxt) - 1, jnp.float32)
+
+    zero = jnp.zeros_like(p_max)
+    t_k = jax.lax.cond(jnp.any(use_k), kth_largest, lambda _: zero, None)
+    keep = ~use_k[:, None] | (probs >= t_k[:, None])
+    kept = jnp.where(keep, probs, 0.0)
+    kept = kept / jnp.sum(kept, axis=-1, keepdims=True)
+    # top-p: keep i iff the mass strictly above p_i is below top_p; the smallest such p_i is
+    # the threshold (the predicate holds at the largest probability: nothing is above it).
+    above = lambda t: jnp.sum(jnp.where(kept > t[:, None], kept, 0.0), axis=-1) < top_p  # noqa
+    t_p = jax.lax.bitcast_convert_type(_bisect_bits(above, jnp.max(kept, axis=-1)), jnp.float32)
+    keep &= (top_p[:, None] >= 1.0) | (kept >= t_p[:, None])
+    keep &= probs >= min_p[:, None] * p_max[:, None]
+    return keep | (probs >= p_max[:, None])
+
+
+def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array) -> jax.Array:
+    """One index per row with probability proportional to ``weights`` f32[S, V] (>= 0), by
+    inverting the cumulative sum at one uniform draw per row. keys uint32[S, 2]."""
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+    cdf = jax.lax.associative_scan(jnp.add, weights, axis=-1)
+    target = u * cdf[:, -1]
+    idx = jnp.sum(cdf <= target[:, None], axis=-1)
+    return jnp.minimum(idx, weights.shape[-1] - 1).astype(jnp.int32)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, min_p: jax.Array, *, k_bound: int, filtered: bool
                   ) -> tuple[jax.Array, jax.Array]:
@@ -59,15 +125,18 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     Rows with temperature 0 take the argmax.
     """
     logits = logits.astype(jnp.float32)
+    V = logits.shape[-1]
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     scaled = logits / t
-    draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
-    if filtered:
+    if filtered and k_bound < V:
         cand, ids = filter_candidates(scaled, top_k, top_p, min_p, k_bound)
-        choice = draw(keys, cand)
+        choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, cand)
         sampled = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     else:
-        sampled = draw(keys, scaled)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        if filtered:
+            probs = jnp.where(truncation_mask(probs, top_k, top_p, min_p), probs, 0.0)
+        sampled = _draw_inverse_cdf(keys, probs)
     greedy = jnp.argmax(logits, axis=-1)
     tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
     return tokens, sampled_logprob(logits, tokens, temperature)

@@ -87,7 +87,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         state, metrics = step_fn(state, batch)
         if (s + 1) % max(cfg.train.log_every, 10) == 0 or s + 1 == cs.steps:
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            last.update(stage="cold_start", tokens=tokens, elapsed_s=time.time() - t0)
+            last.update(tokens=tokens, elapsed_s=time.time() - t0)
             log_fn(s + 1, last)
             if bar is not None:
                 bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}")

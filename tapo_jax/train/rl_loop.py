@@ -206,7 +206,8 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     for k, v in col.stats.items():
         metrics[k if "/" in k else f"tapo/{k}"] = v
     for k, v in ctx.reward_stats().items():
-        metrics[f"reward_pool/{k}"] = float(v)
+        if isinstance(v, (int, float)):
+            metrics[f"reward_pool/{k}"] = float(v)
     return state, metrics, col.examples
 
 
