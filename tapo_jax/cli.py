@@ -50,9 +50,31 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from tapo_jax.models.hf import convert_main
+    if "--from-checkpoint" not in args.rest:
+        from tapo_jax.models.hf import convert_main
 
-    return convert_main(args.rest)
+        return convert_main(args.rest)
+    p = argparse.ArgumentParser(prog="tapo-jax convert --from-checkpoint",
+                                description="export a training checkpoint as an HF directory")
+    p.add_argument("--from-checkpoint", required=True, metavar="DIR",
+                   help="run directory or its checkpoints/ directory (newest step is used)")
+    p.add_argument("--to-hf", required=True, metavar="OUT")
+    p.add_argument("--config", "-c", default=None,
+                   help="the run's config (default: DIR/config.yaml)")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(args.rest)
+    from pathlib import Path
+
+    from tapo_jax.train.run import export_checkpoint
+
+    config = a.config
+    if config is None:
+        run_dir = Path(a.from_checkpoint)
+        run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
+        config = str(run_dir / "config.yaml")
+    cfg = load_config(config, a.overrides)
+    print(f"wrote {export_checkpoint(cfg, a.from_checkpoint, a.to_hf)}")
+    return 0
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
@@ -107,9 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_JAX_COMMANDS = ("train", "eval", "sample", "filter")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in _JAX_COMMANDS:
+            # multi-host jobs connect their processes before anything touches a device
+            from tapo_jax.train.distributed import initialize_distributed
+
+            initialize_distributed()
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

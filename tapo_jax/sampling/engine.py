@@ -152,7 +152,7 @@ class Engine:
         if self.prefill_buckets:
             for b in self.prefill_buckets:
                 if b >= n:
-                    return b
+                    return min(b, self.max_len)  # a prefix never outgrows the cache
             raise ValueError(f"prompt of {n} tokens exceeds the largest prefill bucket "
                              f"{self.prefill_buckets[-1]}")
         return min(max(8, _pow2_at_least(n)), self.max_len)

@@ -125,6 +125,8 @@ class Sampler:
                          vocab_size=eng.cfg.vocab_size, stop_ids=stop_ids, n=n,
                          temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                          max_stop_ids=eng.max_stop_ids)
+        for length in {len(p) for p in prompts}:
+            eng.length_bucket(length)  # a prompt beyond the largest prefill bucket fails here
         t_start = time.perf_counter()
         compiles_before = sum(eng.compile_counts.values())
         R = len(prompts) * n

@@ -158,12 +158,11 @@ def run_training(cfg: Config) -> dict:
     from tapo_jax.rewards.math import default_verifier
     from tapo_jax.train import checkpoints as ckpt_lib
     from tapo_jax.train import rl_loop
-    from tapo_jax.train.distributed import initialize_distributed, is_main_process
+    from tapo_jax.train.distributed import is_main_process
     from tapo_jax.train.metrics import MetricsWriter
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
 
     _setup_logging()
-    initialize_distributed()
     t_start = time.time()
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -415,3 +414,10 @@ def run_filter(cfg: Config, *, out_path: str, n: int = 8, lo: float = 0.125, hi:
                           mean_pass_rate=float(rates.mean()) if rates.size else None,
                           out=str(out_path))))
     return kept
+
+
+def export_checkpoint(cfg: Config, checkpoint: str, out: str) -> Path:
+    """The newest training checkpoint of ``checkpoint`` as an HF directory at ``out``."""
+    policy, params = _policy_for(cfg, checkpoint)
+    _export(policy, policy.params if params is None else params, Path(out), policy.cfg)
+    return Path(out)
