@@ -70,6 +70,24 @@ def test_cold_start_then_tapo(tmp_path):
 
     assert load_hf(run / "hf").cfg.vocab_size == 128
 
+    # the other entry points on the finished run: eval from its HF export and its checkpoint,
+    # sample, pass-rate filtering, checkpoint -> HF conversion
+    from tapo_jax.train.run import export_checkpoint, run_evaluation, run_filter, run_sample
+
+    cfg = load_config("configs/demo.yaml", TINY + [f"train.output_dir={run}"])
+    result = run_evaluation(cfg, checkpoint=str(run), out_dir=str(tmp_path / "ev"))
+    assert result.counts["problems"] == 2 and (tmp_path / "ev" / "eval.md").is_file()
+    texts = run_sample(cfg, prompts=["Compute 1 + 2."], n=2, checkpoint=str(run / "hf"))
+    assert len(texts) == 1 and len(texts[0]) == 2
+    kept = run_filter(cfg, out_path=str(tmp_path / "kept.jsonl"), n=2, lo=0.0, hi=1.0,
+                      checkpoint=str(run / "hf"))
+    assert len(kept) == 64 and (tmp_path / "kept.jsonl").is_file()
+    out = export_checkpoint(cfg, str(run / "checkpoints"), str(tmp_path / "from_ckpt"))
+    a = load_hf(out)
+    b = load_hf(run / "hf")
+    np.testing.assert_array_equal(np.asarray(a.model.norm.weight[...]),
+                                  np.asarray(b.model.norm.weight[...]))
+
 
 @pytest.mark.parametrize("algorithm", ["grpo", "opsd"])
 def test_baselines_run(tmp_path, algorithm):
