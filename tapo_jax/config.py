@@ -321,14 +321,20 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply dotted ``key=value`` overrides (values parsed as YAML scalars)."""
+def _override(cfg: Config, overrides: list[str]) -> Config:
+    """Dotted ``key=value`` overrides (values parsed as YAML scalars), type-checked one by one."""
     for item in overrides:
         path, value = _parse_override(item)
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
         cfg = _build(Config, nested, "", f"override '{item}'", cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply overrides, then validate the values once (overrides may fix each other)."""
+    cfg = _override(cfg, overrides)
     validate(cfg, "overrides " + " ".join(overrides))
     return cfg
 
@@ -348,13 +354,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: invalid YAML: {e}") from e
         cfg = from_dict(data, source)
     if overrides:  # values are checked once, after every override (they may fix each other)
-        for item in overrides:
-            path_, value = _parse_override(item)
-            nested: Any = value
-            for part in reversed(path_):
-                nested = {part: nested}
-            cfg = _build(Config, nested, "", f"override '{item}'", cfg)
-        source = f"{source} with overrides"
+        cfg = _override(cfg, overrides)
+        source = f"{source} with overrides {' '.join(overrides)}"
     validate(cfg, source)
     return cfg
 
