@@ -142,8 +142,14 @@ def _eval_problem(record: Any, cfg: Config):
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    """INFO lines of the ``tapo_jax`` logger on stderr (whatever other libraries configured)."""
+    if not any(getattr(h, "_tapo", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._tapo = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
