@@ -52,10 +52,20 @@ def hf_greedy(hf_model, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
+_FORWARDS: dict = {}
+
+
 def teacher_forced_logprobs(model, prompt, completion, temperature):
-    """log_softmax(logits / T) (T = 0 -> 1) of each completion token, by one full forward."""
-    seq = np.asarray([list(prompt) + list(completion)], np.int32)
-    logits = np.asarray(model(seq), np.float64)[0, len(prompt) - 1:-1]
+    """log_softmax(logits / T) (T = 0 -> 1) of each completion token, by one full forward of
+    prompt + completion (right-padded to MAX_LEN; causal, so padding does not matter)."""
+    if id(model) not in _FORWARDS:
+        graphdef, state = nnx.split(model)
+        _FORWARDS[id(model)] = (jax.jit(lambda t: nnx.merge(graphdef, state)(t)), model)
+    forward = _FORWARDS[id(model)][0]
+    seq = list(prompt) + list(completion)
+    tokens = np.zeros((1, MAX_LEN), np.int32)
+    tokens[0, : len(seq)] = seq
+    logits = np.asarray(forward(tokens), np.float64)[0, len(prompt) - 1: len(seq) - 1]
     logits = logits / (temperature if temperature > 0 else 1.0)
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
