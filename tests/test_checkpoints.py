@@ -121,7 +121,7 @@ def test_missing_and_corrupt_checkpoints(run, tmp_path):
     for p in files:
         p.write_bytes(b"\0garbage" * 3)
     with Checkpointer(d) as ck:
-        with pytest.raises(CheckpointError, match=f"checkpoint 1 in .*corrupt.*corrupt"):
+        with pytest.raises(CheckpointError, match="checkpoint 1 in .*corrupt.*corrupt"):
             ck.restore(abstract)
 
 

@@ -108,3 +108,29 @@ def test_fully_masked_rows_are_finite(fns):
     logits, cache = step(tokens, None, mask, init_cache(model.cfg, B, S), jnp.zeros(B, jnp.int32))
     assert np.isfinite(np.asarray(logits)).all()
     assert (np.asarray(cache.pos)[1:] == -1).all()
+
+
+def test_attend_len_reads_only_the_cache_head(fns):
+    """Decoding with ``attend_len`` covering every filled slot equals reading the whole cache;
+    a bound that cuts filled slots off changes the result (so the bound is really applied);
+    a bound outside [1, S] is refused."""
+    model, _, step = fns
+    graphdef, state = nnx.split(model)
+    bounded = jax.jit(lambda t, p, m, c, i, n: apply(graphdef, state, t, positions=p,
+                                                     attention_mask=m, cache=c, cache_index=i,
+                                                     attend_len=n), static_argnums=5)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, V, (B, P + 1)))
+    ones = jnp.ones((B, P + 1), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(P + 1, dtype=jnp.int32), (B, P + 1))
+    _, cache = step(tokens[:, :P], pos[:, :P], ones[:, :P], init_cache(model.cfg, B, S),
+                    jnp.zeros(B, jnp.int32))
+    args = (tokens[:, P:], pos[:, P:], ones[:, :1], cache, jnp.full((B,), P, jnp.int32))
+    want, want_cache = step(*args)
+    got, got_cache = bounded(*args, P + 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # writes are not bounded
+    cut, _ = bounded(*args, P // 2)
+    assert np.abs(np.asarray(cut) - np.asarray(want)).max() > 1e-3
+    with pytest.raises(ValueError, match="attend_len"):
+        bounded(*args, S + 1)

@@ -117,7 +117,7 @@ def test_sharded_cache_decode_equals_single_device(checkpoint):
     model = shard_model(load_hf(checkpoint), mesh, SAMPLE_RULES)
     cache = init_cache(model.cfg, 4, 8)
     cs = cache_shardings(cache, mesh, SAMPLE_RULES)
-    assert cs.k.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert all(s.spec == P(("data", "fsdp"), "tensor", None, None) for s in cs.k + cs.v)
     cache = jax.device_put(cache, cs)
     got, new_cache = run(model, cache, lambda x: jax.device_put(x, batch_sharding(mesh)))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)

@@ -151,7 +151,7 @@ def test_same_outputs_on_sharded_mesh(hf_checkpoint, slot_runs):
     model = load_hf(hf_checkpoint(**TIED), mesh=mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     sampler = Sampler(graphdef, params, mesh=mesh, num_slots=8, max_len=MAX_LEN, chunk=4)
-    cache_k = sampler.engine.init_decode_state().cache.k
+    cache_k = sampler.engine.init_decode_state().cache.k[0]
     assert len(cache_k.sharding.device_set) == 8
     assert_same_rollouts(slot_runs[0], sampler.generate(SLOT_PROMPTS, **SLOT_KW))
 
@@ -215,3 +215,16 @@ def test_compilations_are_bounded(slot_runs, tied):
     assert first["prefill"] <= before["prefill"] + 3  # at most the row buckets 1, 2, 4
     sampler.generate(other[::-1] + [[9, 8, 7]], **dict(SLOT_KW, seed=5))
     assert sampler.compile_counts == first
+
+
+def test_attend_buckets(tied):
+    """Decode calls read a power-of-two head of the cache (>= 32, capped at max_len)."""
+    engine = tied[2].engine
+    assert [engine.attend_bucket(n) for n in (1, 32, 33, 64, 65)] == [
+        min(b, engine.max_len) for b in (32, 32, 64, 64, 128)]
+    assert engine.attend_bucket(10**6) == engine.max_len
+    with pytest.raises(ValueError, match="attend"):
+        engine.attend_bucket(0)
+    with pytest.raises(ValueError, match="attend_len"):
+        engine.generate(engine.init_decode_state(), steps=1, k_bound=1, filtered=False,
+                        attend_len=engine.max_len + 1)

@@ -156,3 +156,45 @@ def test_property_sampled_tokens_allowed(seed, top_k, top_p, min_p, temperature,
         toks, _ = draw(logits, 256, seed, temperature, top_k, top_p, min_p, k_bound, True)
         bad = toks[~(allowed[toks] | amb[toks])]
         assert bad.size == 0, f"k_bound {k_bound}: tokens {sorted(set(bad.tolist()))} not allowed"
+
+
+# ------------------------------------------------------------- two-level inverse-CDF draw
+@functools.lru_cache(maxsize=None)
+def _jitted_draw(block: int):
+    from tapo_jax.sampling.logits import _draw_inverse_cdf
+
+    return jax.jit(lambda keys, w: _draw_inverse_cdf(keys, w, block=block))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(1, 300), block=st.sampled_from([1, 7, 64]),
+       density=st.floats(0.0, 1.0))
+def test_inverse_cdf_draw_never_picks_zero_weight(seed, vocab, block, density):
+    """Sparse weights (some rows with a single positive entry, possibly the last one; vocab not
+    a multiple of the block): every draw lands on a positive weight."""
+    rng = np.random.default_rng(seed)
+    w = rng.random((16, vocab)) * (rng.random((16, vocab)) < density)
+    w[np.arange(16), rng.integers(0, vocab, 16)] += rng.random(16) + 1e-3  # >= 1 positive
+    w[0] = 0.0
+    w[0, -1] = 1.0
+    keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), 16)))
+    idx = np.asarray(_jitted_draw(block)(keys, jnp.asarray(w, jnp.float32)))
+    assert ((idx >= 0) & (idx < vocab)).all()
+    assert (w[np.arange(16), idx] > 0).all()
+    assert idx[0] == vocab - 1
+
+
+def test_inverse_cdf_draw_frequencies():
+    """Frequencies over many draws match the weights (chi-square), across block boundaries."""
+    rng = np.random.default_rng(0)
+    vocab, n = 150, 20_000
+    w = rng.random(vocab) ** 3
+    w[rng.random(vocab) < 0.3] = 0.0
+    keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(1), n)))
+    idx = np.asarray(_jitted_draw(64)(keys, jnp.broadcast_to(jnp.asarray(w, jnp.float32),
+                                                               (n, vocab))))
+    counts = np.bincount(idx, minlength=vocab)
+    assert counts[w == 0].sum() == 0
+    pos = w > 0
+    expected = n * w[pos] / w[pos].sum()
+    assert stats.chisquare(counts[pos], expected).pvalue > 1e-3

@@ -115,6 +115,26 @@ def test_collect_tapo_rows(setup):
     np.testing.assert_array_equal(gid[isref], 6 + arrays["query_index"][: len(col.rows)][isref])
 
 
+def test_sample_time_is_split_by_purpose(setup):
+    """Wall time inside rollout calls and inside synthesis calls is reported separately,
+    whatever the calls' n (a synthesis call is recognised by its content here)."""
+    import time
+
+    tok, problems = setup
+    counts = [0, 1, 2, 4, 5, 8]
+    inner, _ = _script(tok, problems, {p.question: c for p, c in zip(problems, counts)})
+
+    def sample(prompt_ids, n, max_new_tokens, seed):
+        synthesis = "Wrong:" in tok.decode(prompt_ids[0], skip_special_tokens=True)
+        time.sleep(0.4 if synthesis else 0.1)
+        return inner(prompt_ids, n, max_new_tokens, seed)
+
+    col = rollout.collect([p.record() for p in problems], cfg=_cfg(), tokenizer=tok, step=0,
+                          sample=sample, score=score, encode=lambda ps: encode_prompts(ps, tok))
+    assert 0.4 <= col.sample_seconds["construction"] < 0.4 + 0.09
+    assert 0.1 <= col.sample_seconds["sampling"] < 0.1 + 0.09
+
+
 def test_collect_grpo_has_no_constructions(setup):
     tok, problems = setup
     n_correct = {p.question: 3 for p in problems}

@@ -35,19 +35,24 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values of every layer for S cache slots per row."""
+    """Keys/values of every layer for S cache slots per row.
 
-    k: jax.Array  # [L, B, S, K, H] rotary-embedded keys (after k_norm)
-    v: jax.Array  # [L, B, S, K, H]
+    One array per layer, each kv-head major [B, K, S, H]: decode attention is then a plain
+    batched matmul over (B, K) with no transpose of the cache and no slice of a stacked
+    [L, ...] buffer per step (on XLA:CPU either costs several times the attention maths).
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H] rotary-embedded keys (after k_norm)
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
     pos: jax.Array  # int32[B, S] position of the token in each slot; -1 = empty
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache with ``max_len`` slots per row."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         pos=jnp.full((batch, max_len), -1, jnp.int32),
     )
 
@@ -109,29 +114,42 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, cfg)
         self.k_norm = RMSNorm(h, cfg)
 
-    def __call__(self, x, sin, cos, mask, cache=None, layer=0, slots=None):
-        """x [B, T, D]; mask bool[B, T, S]; cache (k, v) [L, B, S, K, H] written at
-        [layer, b, slots[b, t]]. Returns ([B, T, D], cache)."""
+    def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None):
+        """x [B, T, D]; mask bool[B, T, S]; cache: this layer's (k, v), each [B, K, S_cache, H],
+        written at [b, :, slots[b, t]]; only its first ``attend_len`` slots (S) are read.
+        Returns ([B, T, D], cache)."""
         dt = x.dtype
         q = jnp.einsum("BTD,NHD->BTNH", x, self.q_proj.weight[...].astype(dt))
         k = jnp.einsum("BTD,KHD->BTKH", x, self.k_proj.weight[...].astype(dt))
         v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj.weight[...].astype(dt))
         q = apply_rope(self.q_norm(q), sin, cos)
         k = apply_rope(self.k_norm(k), sin, cos)
+        kv = "BSKH"  # layout of the keys/values attended to
         if cache is not None:
             ck, cv = cache
             rows = jnp.arange(x.shape[0])[:, None]
-            ck = ck.at[layer, rows, slots].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[layer, rows, slots].set(v.astype(cv.dtype), mode="drop")
+            # advanced indices (rows, slots) around a slice: the update is [B, T, K, H]
+            ck = ck.at[rows, :, slots].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
             cache = (ck, cv)
-            k, v = ck[layer].astype(dt), cv[layer].astype(dt)
+            k, v, kv = ck[:, :, :attend_len].astype(dt), cv[:, :, :attend_len].astype(dt), "BKSH"
         b, t, n, h = q.shape
-        kv_heads = k.shape[2]
-        qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None, None], logits * h**-0.5, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        kv_heads = k.shape[kv.index("K")]
+        if t == 1 and kv == "BKSH":
+            # one decode token: plain batched mat-vecs over (B, K), half the cache traffic of
+            # the general contraction below on XLA:CPU (decode attention is bandwidth-bound)
+            qg = q.reshape(b, kv_heads, n // kv_heads, h)
+            logits = jnp.einsum("BKGH,BKSH->BKGS", qg, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(mask[:, 0, None, None], logits * h**-0.5, MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+            out = jnp.einsum("BKGS,BKSH->BKGH", probs, v).reshape(b, t, n, h)
+        else:
+            qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+            logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", qg, k,
+                                preferred_element_type=jnp.float32)
+            logits = jnp.where(mask[:, None, None], logits * h**-0.5, MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+            out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v).reshape(b, t, n, h)
         return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj.weight[...].astype(dt)), cache
 
 
@@ -159,8 +177,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, sin, cos, mask, cache=None, layer=0, slots=None):
-        h, cache = self.self_attn(self.input_layernorm(x), sin, cos, mask, cache, layer, slots)
+    def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None):
+        h, cache = self.self_attn(self.input_layernorm(x), sin, cos, mask, cache, slots,
+                                  attend_len)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -204,14 +223,18 @@ class Qwen3(nnx.Module):
         return jnp.einsum("...D,VD->...V", hidden.astype(dt), head.weight[...].astype(dt))
 
     def __call__(self, tokens, positions=None, attention_mask=None, *, cache=None,
-                 cache_index=None, return_hidden=False, output_hidden_states=False):
+                 cache_index=None, attend_len=None, return_hidden=False,
+                 output_hidden_states=False):
         """tokens int32[B, T]; positions int32[B, T] (default arange(T), or with a mask
         cumsum(attention_mask) - 1 clipped at 0); attention_mask [B, T] (1 = real token).
 
         Without a cache: causal attention within the sequence, keys with mask 0 ignored.
         With a cache: row b's new keys go to slots cache_index[b] + t (writes past S are
         dropped), their ``pos`` is positions[b, t] (-1 where masked), and query (b, t) attends to
-        every slot j with 0 <= pos[b, j] <= positions[b, t].
+        every slot j with 0 <= pos[b, j] <= positions[b, t]. ``attend_len`` (static) reads only
+        the first slots of the cache: every slot a query may attend to must lie below it (the
+        decode engine passes a bucket of the longest live sequence, so short sequences in a
+        long cache do not pay for its empty tail).
 
         Returns logits [B, T, V] (or final-norm hidden [B, T, D] when return_hidden), then the
         new cache when one was given, then (with output_hidden_states) the L + 1 hidden states
@@ -230,7 +253,7 @@ class Qwen3(nnx.Module):
         positions = jnp.asarray(positions, jnp.int32)
 
         # Attention mask [B, T, S] and cache slots.
-        slots, kv = None, None
+        slots, layer_kv = None, [None] * cfg.num_layers
         if cache is None:
             causal = jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]
             attn_mask = causal & mask[:, None, :]
@@ -239,15 +262,17 @@ class Qwen3(nnx.Module):
             slots = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
             rows = jnp.arange(b)[:, None]
             new_pos = cache.pos.at[rows, slots].set(jnp.where(mask, positions, -1), mode="drop")
-            kpos = new_pos[:, None, :]
+            if attend_len is not None and not 0 < attend_len <= new_pos.shape[1]:
+                raise ValueError(f"attend_len {attend_len} outside [1, {new_pos.shape[1]}]")
+            kpos = new_pos[:, None, :attend_len]
             attn_mask = (kpos >= 0) & (kpos <= positions[:, :, None])
-            kv = (cache.k, cache.v)
+            layer_kv = list(zip(cache.k, cache.v))
 
         sin, cos = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_theta)
         x = jnp.take(self.model.embed_tokens.weight[...], tokens, axis=0).astype(dt)
         hidden_states = [x]
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, sin, cos, attn_mask, kv, i, slots)
+            x, layer_kv[i] = layer(x, sin, cos, attn_mask, layer_kv[i], slots, attend_len)
             hidden_states.append(x)
         x = self.model.norm(x)
         hidden_states[-1] = x
@@ -255,7 +280,8 @@ class Qwen3(nnx.Module):
         out = x if return_hidden else self.logits_from_hidden(x)
         result: tuple = (out,)
         if cache is not None:
-            result += (KVCache(k=kv[0], v=kv[1], pos=new_pos),)
+            result += (KVCache(k=tuple(k for k, _ in layer_kv), v=tuple(v for _, v in layer_kv),
+                               pos=new_pos),)
         if output_hidden_states:
             result += (tuple(hidden_states),)
         return result[0] if len(result) == 1 else result

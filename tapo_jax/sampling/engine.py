@@ -36,7 +36,7 @@ from tapo_jax.sampling.logits import sample_tokens
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: KVCache  # k, v [L, S, M, K, H]; pos int32[S, M]
+    cache: KVCache  # k, v: L x [S, K, M, H]; pos int32[S, M]
     next_pos: jax.Array  # int32[S]   position (= cache index) of the token fed next
     last_token: jax.Array  # int32[S]   token fed at the next step
     generated: jax.Array  # int32[S]   tokens produced so far (the prefill token included)
@@ -55,8 +55,8 @@ class DecodeState:
 class Prefix:
     """Prefilled requests, ready to insert: their KV and first sampled token."""
 
-    k: jax.Array  # [L, P, T, K, H]
-    v: jax.Array  # [L, P, T, K, H]
+    k: tuple[jax.Array, ...]  # L x [P, K, T, H]
+    v: tuple[jax.Array, ...]  # L x [P, K, T, H]
     true_length: jax.Array  # int32[P]
     first_token: jax.Array  # int32[P]
     first_logprob: jax.Array  # float32[P]
@@ -114,7 +114,7 @@ class Engine:
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("k_bound", "filtered"))
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,),
-                                 static_argnames=("steps", "k_bound", "filtered"))
+                                 static_argnames=("steps", "k_bound", "filtered", "attend_len"))
 
     # -------------------------------------------------------------------- weights and state
     def update_params(self, params: nnx.State) -> None:
@@ -157,6 +157,14 @@ class Engine:
                              f"{self.prefill_buckets[-1]}")
         return min(max(8, _pow2_at_least(n)), self.max_len)
 
+    def attend_bucket(self, n: int) -> int:
+        """Cache slots a decode call reads when no live sequence reaches past slot ``n``: a
+        power of two (at least 32), capped at the cache length, so the number of decode
+        compilations stays logarithmic in ``max_len``."""
+        if n < 1:
+            raise ValueError(f"attend length must be >= 1, got {n}")
+        return min(max(32, _pow2_at_least(n)), self.max_len)
+
     def row_bucket(self, n: int) -> int:
         """Prefill rows: powers of two from num_slots / 8 up to num_slots (few compilations)."""
         floor = max(self._slot_multiple, self.num_slots // 8, 1)
@@ -193,11 +201,15 @@ class Engine:
     def _insert_impl(self, prefix, state, slots, max_new, temperature, top_p, top_k, min_p):
         """Write prefix rows into ``slots`` (int32[P], -1 = skip this row)."""
         self.compile_counts["insert"] += 1
-        T = prefix.k.shape[2]
+        T = prefix.k[0].shape[2]
         M = state.cache.pos.shape[1]
         tgt = jnp.where(slots >= 0, slots, self.num_slots)  # out of range -> dropped
-        k = state.cache.k.at[:, tgt, :T].set(prefix.k.astype(state.cache.k.dtype), mode="drop")
-        v = state.cache.v.at[:, tgt, :T].set(prefix.v.astype(state.cache.v.dtype), mode="drop")
+
+        def write(cache, new):
+            return tuple(c.at[tgt, :, :T].set(x.astype(c.dtype), mode="drop")
+                         for c, x in zip(cache, new))
+
+        k, v = write(state.cache.k, prefix.k), write(state.cache.v, prefix.v)
         cols = jnp.arange(M)[None, :]
         pos_rows = jnp.where(cols < prefix.true_length[:, None], cols, -1).astype(jnp.int32)
         pos = state.cache.pos.at[tgt].set(pos_rows, mode="drop")
@@ -225,11 +237,12 @@ class Engine:
                               ("temperature", "top_p", "top_k", "min_p")))
 
     # -------------------------------------------------------------------- generate
-    def _step(self, params, state: DecodeState, k_bound, filtered):
+    def _step(self, params, state: DecodeState, k_bound, filtered, attend_len=None):
         model = nnx.merge(self.graphdef, params)
         live = ~state.done
         logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
-                              live[:, None], cache=state.cache, cache_index=state.next_pos)
+                              live[:, None], cache=state.cache, cache_index=state.next_pos,
+                              attend_len=attend_len)
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.generated)
         tok, lp = sample_tokens(logits[:, 0].astype(jnp.float32), keys, state.temperature,
                                 state.top_k, state.top_p, state.min_p, k_bound=k_bound,
@@ -245,7 +258,7 @@ class Engine:
             done=done, stopped=state.stopped | (live & is_stop))
         return new, tok, lp, live
 
-    def _generate_impl(self, params, state, *, steps, k_bound, filtered):
+    def _generate_impl(self, params, state, *, steps, k_bound, filtered, attend_len):
         self.compile_counts["generate"] += 1
         S = state.done.shape[0]
         buf = (jnp.zeros((S, steps), jnp.int32), jnp.zeros((S, steps), jnp.float32),
@@ -257,7 +270,7 @@ class Engine:
 
         def body(carry):
             i, st, (toks, lps, valid) = carry
-            st, tok, lp, live = self._step(params, st, k_bound, filtered)
+            st, tok, lp, live = self._step(params, st, k_bound, filtered, attend_len)
             toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
             lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
             valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
@@ -267,11 +280,17 @@ class Engine:
         return state, ResultTokens(tokens=toks, logprobs=lps, valid=valid,
                                    lengths=state.generated)
 
-    def generate(self, state: DecodeState, *, steps: int = 1, k_bound: int, filtered: bool
-                 ) -> tuple[DecodeState, ResultTokens]:
-        """Up to ``steps`` tokens for every live slot (stops early when every slot is done)."""
+    def generate(self, state: DecodeState, *, steps: int = 1, k_bound: int, filtered: bool,
+                 attend_len: Optional[int] = None) -> tuple[DecodeState, ResultTokens]:
+        """Up to ``steps`` tokens for every live slot (stops early when every slot is done).
+
+        ``attend_len``: read only the first cache slots (from :meth:`attend_bucket`). It must
+        exceed every live slot's ``next_pos + steps - 1``; None reads the whole cache.
+        """
+        if attend_len is not None and not 0 < attend_len <= self.max_len:
+            raise ValueError(f"attend_len {attend_len} outside [1, {self.max_len}]")
         return self._generate(self.params, state, steps=steps, k_bound=k_bound,
-                              filtered=filtered)
+                              filtered=filtered, attend_len=attend_len)
 
     def free_slots(self, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         idx = jnp.asarray(list(slots), jnp.int32)

@@ -104,14 +104,34 @@ def truncation_mask(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p:
     return keep | (probs >= p_max[:, None])
 
 
-def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array) -> jax.Array:
+def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64) -> jax.Array:
     """One index per row with probability proportional to ``weights`` f32[S, V] (>= 0), by
-    inverting the cumulative sum at one uniform draw per row. keys uint32[S, 2]."""
+    inverting the cumulative distribution at one uniform draw per row. keys uint32[S, 2].
+
+    Two levels, so no scan runs over the whole vocabulary: the cumulative sum of per-block
+    masses picks the block holding the draw, then a cumulative sum inside that block picks the
+    token. Zero-weight tokens are never picked (the draw is strictly inside a positive mass).
+    """
+    S, V = weights.shape
+    nb = -(-V // block)
+    w = jnp.pad(weights, ((0, 0), (0, nb * block - V))).reshape(S, nb, block)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-    cdf = jax.lax.associative_scan(jnp.add, weights, axis=-1)
-    target = u * cdf[:, -1]
-    idx = jnp.sum(cdf <= target[:, None], axis=-1)
-    return jnp.minimum(idx, weights.shape[-1] - 1).astype(jnp.int32)
+    block_cdf = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)  # [S, nb]
+    target = u * block_cdf[:, -1]
+    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), nb - 1)
+    # the last block with positive mass, for a draw that rounding put past every block
+    last = nb - 1 - jnp.argmax(jnp.flip(block_cdf > jnp.concatenate(
+        [jnp.zeros((S, 1), block_cdf.dtype), block_cdf[:, :-1]], axis=-1), -1), axis=-1)
+    b = jnp.minimum(b, last)
+    before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None],
+                                                  axis=-1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [S, block]
+    cdf = jnp.cumsum(inner, axis=-1)
+    i = jnp.sum(cdf <= (target - before)[:, None], axis=-1)
+    # clamp to the block's last positive-weight token
+    last_i = block - 1 - jnp.argmax(jnp.flip(inner > 0, -1), axis=-1)
+    idx = b * block + jnp.minimum(i, last_i)
+    return jnp.minimum(idx, V - 1).astype(jnp.int32)
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,

@@ -2,7 +2,8 @@
 
 Many prompts x n samples flow through a fixed number of decode slots: free slots are refilled
 (batched prefill + bulk insert) as soon as sequences end, and the engine decodes ``chunk`` tokens
-per call inside one jitted loop. Each request (prompt i, sample j) draws with the key
+per call inside one jitted loop, reading only the cache slots the longest live sequence can
+reach (a power-of-two bucket). Each request (prompt i, sample j) draws with the key
 ``fold_in(fold_in(key(seed), i), j)``, so results do not depend on the slot count or on the
 scheduling order. The stop token is part of the completion and its log-prob is returned.
 """
@@ -155,8 +156,11 @@ class Sampler:
                 state = self._admit(state, take, free, slot_req, prompts, p_idx, keys,
                                     max_new_tokens, sampling_row, k_bound, filtered,
                                     tokens, logps)
+            # the furthest a live sequence can reach in this call bounds the cache slots read
+            reach = max(len(prompts[p_idx[r]]) + len(tokens[r]) - 1
+                        for r in slot_req if r >= 0) + self.chunk  # (a slot is live here)
             state, res = eng.generate(state, steps=self.chunk, k_bound=k_bound,
-                                      filtered=filtered)
+                                      filtered=filtered, attend_len=eng.attend_bucket(reach))
             decode_calls += 1
             toks, lps, valid, done, stop = jax.device_get(
                 (res.tokens, res.logprobs, res.valid, state.done, state.stopped))

@@ -120,8 +120,6 @@ def length_groups(examples: list[tuple[list[int], list[int]]], *, quantum: int =
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    from tapo_jax.train.metrics import progress_bar
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    return progress_bar(total, desc=desc, enabled=enabled)

@@ -143,6 +143,20 @@ class MetricsWriter:
         self.close()
 
 
+def progress_bar(total: int, *, initial: int = 0, desc: str = "", enabled: bool = True):
+    """A tqdm bar on stderr, or None when disabled. When stderr is not a terminal (a log file,
+    CI) it redraws at most every 30 s, so logs get a few readable lines rather than thousands."""
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                mininterval=0.1 if tty else 30.0)
+
+
 class Progress:
     """A tqdm progress line: ``step/total`` plus the latest values of ``keys``.
 
@@ -156,11 +170,7 @@ class Progress:
     def __init__(self, total: int, *, initial: int = 0, desc: str = "train",
                  keys: Optional[Mapping[str, str]] = None, enabled: bool = True):
         self.keys = dict(self.DEFAULT_KEYS if keys is None else keys)
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+        self._bar = progress_bar(total, initial=initial, desc=desc, enabled=enabled)
 
     def update(self, step: int, values: Mapping[str, float]) -> None:
         """Move to ``step`` and show ``values`` (plain floats, e.g. the return value of

@@ -143,12 +143,10 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sample = ctx.sample_fn(sampler_params)
-    timed = _TimedSample(sample)
-    col = rollout.collect(records, cfg=cfg, tokenizer=ctx.tokenizer, step=step, sample=timed,
+    col = rollout.collect(records, cfg=cfg, tokenizer=ctx.tokenizer, step=step, sample=sample,
                           score=ctx.score, encode=ctx.encode, more_records=more_records)
-    timings["time/sampling"] = timed.seconds_by_call.get(0, 0.0) + sum(
-        v for k, v in timed.seconds_by_call.items() if k > 0 and k not in timed.construction)
-    timings["time/construction"] = sum(timed.seconds_by_call[k] for k in timed.construction)
+    timings["time/sampling"] = col.sample_seconds["sampling"]
+    timings["time/construction"] = col.sample_seconds["construction"]
     timings["time/reward"] = time.perf_counter() - t0 - timings["time/sampling"] - timings[
         "time/construction"]
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
@@ -209,26 +207,6 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         if isinstance(v, (int, float)):
             metrics[f"reward_pool/{k}"] = float(v)
     return state, metrics, col.examples
-
-
-class _TimedSample:
-    """Wraps a SampleFn, timing each call (call 0: rollouts; calls with n == 1: constructions)."""
-
-    def __init__(self, fn: rollout.SampleFn):
-        self.fn = fn
-        self.seconds_by_call: dict[int, float] = {}
-        self.construction: set[int] = set()
-        self.calls = 0
-
-    def __call__(self, prompt_ids, n, max_new_tokens, seed):
-        i = self.calls
-        self.calls += 1
-        t = time.perf_counter()
-        out = self.fn(prompt_ids, n, max_new_tokens, seed)
-        self.seconds_by_call[i] = time.perf_counter() - t
-        if n == 1:
-            self.construction.add(i)
-        return out
 
 
 def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:

@@ -17,6 +17,7 @@ synthesis prompt); their old log-probs are recomputed later by a teacher-forced 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -54,6 +55,10 @@ class Collected:
     examples: list[dict] = field(default_factory=list)
     query_records: list[Any] = field(default_factory=list)
     reference_texts: list[Optional[str]] = field(default_factory=list)  # per query (OPSD)
+    # wall seconds inside ``sample`` calls: "sampling" (rollouts, resampling rounds included)
+    # and "construction" (synthesis prompts)
+    sample_seconds: dict[str, float] = field(
+        default_factory=lambda: {"sampling": 0.0, "construction": 0.0})
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -90,10 +95,13 @@ def collect(
     K = rl.num_samples
     seed = cfg.train.seed
     stats: Counter = Counter()
+    seconds = {"sampling": 0.0, "construction": 0.0}
 
     def roll(recs, round_):
         ids = encode([r.prompt for r in recs])
+        t0 = time.perf_counter()
         comps = sample(ids, K, sc.max_new_tokens, _seed(seed, step, round_))
+        seconds["sampling"] += time.perf_counter() - t0
         texts = [decode(tokenizer, c.tokens) for g in comps for c in g]
         golds = [str(r.answer) for r in recs for _ in range(K)]
         rew, reasons = score(texts, golds)
@@ -142,7 +150,7 @@ def collect(
 
     out = Collected(rows=rows, num_queries=Q, rewards=rewards, response_lengths=lengths,
                     truncated=truncated, overlong_masked=overlong, query_records=recs,
-                    reference_texts=refs)
+                    reference_texts=refs, sample_seconds=seconds)
     if rl.algorithm == "tapo":
         _construct(out, ids, texts, rewards, recs, cfg=cfg, tokenizer=tokenizer, step=step,
                    sample=sample, score=score, stats=stats)
@@ -186,7 +194,9 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
         s_ids = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]
                  for p in prompts]
         budget = cfg.sampling.construction_max_new_tokens or 2 * cfg.sampling.max_new_tokens
+        t0 = time.perf_counter()
         gens = sample(s_ids, 1, budget, _seed(cfg.train.seed, step, 1000))
+        out.sample_seconds["construction"] += time.perf_counter() - t0
         outs = [decode(tokenizer, g[0].tokens) for g in gens]
         parsed = [synthesis.parse_construction(o) for o in outs]
         recons = [p.reconstruction if p.ok else None for p in parsed]

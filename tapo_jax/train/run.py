@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import jax
 import numpy as np
 import yaml
 
@@ -292,11 +291,9 @@ def _reference_params(cfg: Config, policy: "Policy") -> Any:
 
 
 def _bar(total: int, start: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    from tapo_jax.train.metrics import progress_bar
 
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+    return progress_bar(total, initial=start, desc=desc, enabled=enabled)
 
 
 def _export(policy: Policy, params: Any, path: Path, cfg: Config) -> None:
