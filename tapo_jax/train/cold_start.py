@@ -90,7 +90,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
             last.update(tokens=tokens, elapsed_s=time.time() - t0)
             log_fn(s + 1, last)
             if bar is not None:
-                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}")
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", refresh=False)
         if bar is not None:
             bar.update(1)
     if bar is not None:

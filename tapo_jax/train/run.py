@@ -250,11 +250,12 @@ def run_training(cfg: Config) -> dict:
                 for ex in examples:
                     f.write(json.dumps(dict(step=step + 1, **ex)) + "\n")
         if bar is not None:
-            bar.update(1)
             bar.set_postfix(acc=f"{metrics['accuracy']:.2f}",
                             ots=f"{metrics.get('ots_weight_mean', float('nan')):.2f}",
                             cons=f"{metrics.get('tapo/constructions_correct', 0):.0f}/"
-                                 f"{metrics.get('tapo/constructions_attempted', 0):.0f}")
+                                 f"{metrics.get('tapo/constructions_attempted', 0):.0f}",
+                            refresh=False)  # drawn by update(), at the bar's own pace
+            bar.update(1)
         manager.save(step + 1, state, data_state={"data": data_iter.state_dict(),
                                                   "summary": _jsonable(summary)},
                      config=cfg, force=step + 1 == cfg.train.steps)
