@@ -55,10 +55,12 @@ def test_cold_start_then_tapo(tmp_path):
     summary, records = _run(tmp_path, "tapo", "cold_start.enabled=true",
                             "eval.before_and_after=true", "train.export_hf=true")
     assert [r["step"] for r in records] == [1, 2]
-    for key in ("accuracy", "pg_loss_orig", "ots_weight_mean", "kl", "grad_norm",
+    for key in ("accuracy", "pg_loss_orig", "kl", "grad_norm", "num_ref_tokens",
                 "response_length_mean", "tapo/zpd_eligible_share", "time/sampling",
                 "time/update", "learning_rate"):
         assert key in records[-1], key
+    for r in records:  # OTS statistics are logged exactly when reflection tokens were trained
+        assert ("ots_weight_mean" in r) == (r["num_ref_tokens"] > 0), r
     assert np.isfinite(records[-1]["grad_norm"])
     assert summary["cold_start"]["steps"] == 2
     assert "pass@1" in summary["eval_after"]
@@ -148,6 +150,7 @@ def test_scripted_tapo_iteration_trains_on_parsed_constructions(tmp_path):
     assert metrics["tapo/constructions_correct"] == 6
     assert metrics["batch/rows"] == 4 * 8 + 6
     # OTS weights are measured on the reflection tokens: in (0.01, 10) and not all clamped
+    assert metrics["num_ref_tokens"] > 0
     assert 0.01 <= metrics["ots_weight_min"] <= metrics["ots_weight_mean"] <= 10.0
     assert metrics["pg_loss_ref"] < 0.0  # positive advantages on correct constructions
     assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0

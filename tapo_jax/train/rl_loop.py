@@ -177,6 +177,12 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
                                      ppo_epochs=cfg.train.ppo_epochs,
                                      mini_batches=cfg.train.mini_batches)
     metrics = {k: float(v) for k, v in jax.device_get(average_metrics(history)).items()}
+    if metrics.get("num_ref_tokens", 0.0) == 0.0:
+        # no reflection token in this batch: the OTS statistics and the reflection loss are
+        # undefined (the step reports them as 0); leave them out rather than log a fake 0
+        for k in ("ots_weight_mean", "ots_weight_min", "ots_weight_max", "ots_weight_frac_low",
+                  "pg_loss_ref"):
+            metrics.pop(k, None)
     timings["time/update"] = time.perf_counter() - t2
     timings["time/total"] = time.perf_counter() - t0
 
