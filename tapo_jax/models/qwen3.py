@@ -102,6 +102,16 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def _project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, D] times a per-head weight [N, H, D] -> [B, T, N, H].
+
+    Contracted as one [B*T, D] x [N*H, D]^T matmul (the reshapes are free): XLA:CPU would
+    otherwise re-lay out the 3-D weight on every call, a full weight copy per decode step.
+    """
+    n, h, d = w.shape
+    return jnp.einsum("BTD,ED->BTE", x, w.reshape(n * h, d)).reshape(*x.shape[:2], n, h)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with per-head q_norm/k_norm (HF ``Qwen3Attention``)."""
 
@@ -119,9 +129,9 @@ class Attention(nnx.Module):
         written at [b, :, slots[b, t]]; only its first ``attend_len`` slots (S) are read.
         Returns ([B, T, D], cache)."""
         dt = x.dtype
-        q = jnp.einsum("BTD,NHD->BTNH", x, self.q_proj.weight[...].astype(dt))
-        k = jnp.einsum("BTD,KHD->BTKH", x, self.k_proj.weight[...].astype(dt))
-        v = jnp.einsum("BTD,KHD->BTKH", x, self.v_proj.weight[...].astype(dt))
+        q = _project_heads(x, self.q_proj.weight[...].astype(dt))
+        k = _project_heads(x, self.k_proj.weight[...].astype(dt))
+        v = _project_heads(x, self.v_proj.weight[...].astype(dt))
         q = apply_rope(self.q_norm(q), sin, cos)
         k = apply_rope(self.k_norm(k), sin, cos)
         kv = "BSKH"  # layout of the keys/values attended to
@@ -150,7 +160,9 @@ class Attention(nnx.Module):
             logits = jnp.where(mask[:, None, None], logits * h**-0.5, MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
             out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v).reshape(b, t, n, h)
-        return jnp.einsum("BTNH,DNH->BTD", out, self.o_proj.weight[...].astype(dt)), cache
+        wo = self.o_proj.weight[...].astype(dt)  # [D, N, H] -> [D, N*H]: a plain matmul
+        out = jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), wo.reshape(wo.shape[0], -1))
+        return out, cache
 
 
 class MLP(nnx.Module):

@@ -237,19 +237,20 @@ class Engine:
                               ("temperature", "top_p", "top_k", "min_p")))
 
     # -------------------------------------------------------------------- generate
-    def _step(self, params, state: DecodeState, k_bound, filtered, attend_len=None):
+    def _step(self, params, state: DecodeState, k_bound, filtered, max_len):
+        """One token for every live slot. ``state.cache`` may be a window of the first slots of
+        the full cache (``max_len`` slots): the window is attended to whole."""
         model = nnx.merge(self.graphdef, params)
         live = ~state.done
         logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
-                              live[:, None], cache=state.cache, cache_index=state.next_pos,
-                              attend_len=attend_len)
+                              live[:, None], cache=state.cache, cache_index=state.next_pos)
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.generated)
         tok, lp = sample_tokens(logits[:, 0].astype(jnp.float32), keys, state.temperature,
                                 state.top_k, state.top_p, state.min_p, k_bound=k_bound,
                                 filtered=filtered)
         is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1)
         generated = state.generated + live
-        out_of_room = state.next_pos + 2 > state.cache.pos.shape[1]
+        out_of_room = state.next_pos + 2 > max_len
         done = state.done | (live & (is_stop | (generated >= state.max_new) | out_of_room))
         new = state.replace(
             cache=cache,
@@ -260,9 +261,17 @@ class Engine:
 
     def _generate_impl(self, params, state, *, steps, k_bound, filtered, attend_len):
         self.compile_counts["generate"] += 1
-        S = state.done.shape[0]
+        S, M = state.cache.pos.shape
         buf = (jnp.zeros((S, steps), jnp.int32), jnp.zeros((S, steps), jnp.float32),
                jnp.zeros((S, steps), bool))
+        # The loop runs on a window of the first ``attend_len`` cache slots, cut once per call
+        # and written back at the end: slicing inside the loop would copy the attended cache
+        # of every layer at every step (on XLA:CPU more than the attention maths costs).
+        full = state.cache
+        if attend_len is not None and attend_len < M:
+            state = state.replace(cache=KVCache(
+                k=tuple(c[:, :, :attend_len] for c in full.k),
+                v=tuple(c[:, :, :attend_len] for c in full.v), pos=full.pos[:, :attend_len]))
 
         def cond(carry):
             i, st, _ = carry
@@ -270,13 +279,19 @@ class Engine:
 
         def body(carry):
             i, st, (toks, lps, valid) = carry
-            st, tok, lp, live = self._step(params, st, k_bound, filtered, attend_len)
+            st, tok, lp, live = self._step(params, st, k_bound, filtered, M)
             toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
             lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
             valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
             return i + 1, st, (toks, lps, valid)
 
         _, state, (toks, lps, valid) = jax.lax.while_loop(cond, body, (0, state, buf))
+        if state.cache is not full:
+            put = lambda big, win: jax.lax.dynamic_update_slice(  # noqa: E731
+                big, win, (0,) * big.ndim)
+            state = state.replace(cache=KVCache(
+                k=tuple(map(put, full.k, state.cache.k)), v=tuple(map(put, full.v, state.cache.v)),
+                pos=put(full.pos, state.cache.pos)))
         return state, ResultTokens(tokens=toks, logprobs=lps, valid=valid,
                                    lengths=state.generated)
 

@@ -157,6 +157,10 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         if filtered:
             probs = jnp.where(truncation_mask(probs, top_k, top_p, min_p), probs, 0.0)
         sampled = _draw_inverse_cdf(keys, probs)
-    greedy = jnp.argmax(logits, axis=-1)
-    tokens = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    # argmax is a full pass over the vocabulary: only when some row is greedy
+    greedy_rows = temperature <= 0
+    tokens = jax.lax.cond(
+        jnp.any(greedy_rows),
+        lambda: jnp.where(greedy_rows, jnp.argmax(logits, axis=-1), sampled),
+        lambda: sampled).astype(jnp.int32)
     return tokens, sampled_logprob(logits, tokens, temperature)
