@@ -37,22 +37,25 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class KVCache:
     """Keys/values of every layer for S cache slots per row.
 
-    One array per layer, each kv-head major [B, K, S, H]: decode attention is then a plain
-    batched matmul over (B, K) with no transpose of the cache and no slice of a stacked
-    [L, ...] buffer per step (on XLA:CPU either costs several times the attention maths).
+    One array per layer, kv-head major: keys [B, K, H, S], values [B, K, S, H]. Decode attention
+    is then two plain batched matmuls over (B, K), q [G, H] x keys [H, S] and probs [G, S] x
+    values [S, H], each contracting a major dim of the cache: no transpose of the cache and no
+    slice of a stacked [L, ...] buffer per step (on XLA:CPU either costs several times the
+    attention maths, and contracting the minor H of [S, H] keys runs at half the speed).
     """
 
-    k: tuple[jax.Array, ...]  # L x [B, K, S, H] rotary-embedded keys (after k_norm)
+    k: tuple[jax.Array, ...]  # L x [B, K, H, S] rotary-embedded keys (after k_norm)
     v: tuple[jax.Array, ...]  # L x [B, K, S, H]
     pos: jax.Array  # int32[B, S] position of the token in each slot; -1 = empty
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache with ``max_len`` slots per row."""
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.resolved_head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
         pos=jnp.full((batch, max_len), -1, jnp.int32),
     )
 
@@ -125,8 +128,9 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(h, cfg)
 
     def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None):
-        """x [B, T, D]; mask bool[B, T, S]; cache: this layer's (k, v), each [B, K, S_cache, H],
-        written at [b, :, slots[b, t]]; only its first ``attend_len`` slots (S) are read.
+        """x [B, T, D]; mask bool[B, T, S]; cache: this layer's (k [B, K, H, S_cache],
+        v [B, K, S_cache, H]), written at slot slots[b, t]; only its first ``attend_len`` slots
+        (S) are read.
         Returns ([B, T, D], cache)."""
         dt = x.dtype
         q = _project_heads(x, self.q_proj.weight[...].astype(dt))
@@ -134,32 +138,33 @@ class Attention(nnx.Module):
         v = _project_heads(x, self.v_proj.weight[...].astype(dt))
         q = apply_rope(self.q_norm(q), sin, cos)
         k = apply_rope(self.k_norm(k), sin, cos)
-        kv = "BSKH"  # layout of the keys/values attended to
+        k_axes = v_axes = "BSKH"  # layouts of the keys / values attended to
         if cache is not None:
             ck, cv = cache
             rows = jnp.arange(x.shape[0])[:, None]
-            # advanced indices (rows, slots) around a slice: the update is [B, T, K, H]
-            ck = ck.at[rows, :, slots].set(k.astype(ck.dtype), mode="drop")
+            # advanced indices (rows, slots) around slices: the update is [B, T, K, H]
+            ck = ck.at[rows, :, :, slots].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
             cache = (ck, cv)
-            k, v, kv = ck[:, :, :attend_len].astype(dt), cv[:, :, :attend_len].astype(dt), "BKSH"
+            k, v = ck[..., :attend_len].astype(dt), cv[:, :, :attend_len].astype(dt)
+            k_axes, v_axes = "BKHS", "BKSH"
         b, t, n, h = q.shape
-        kv_heads = k.shape[kv.index("K")]
-        if t == 1 and kv == "BKSH":
+        kv_heads = v.shape[v_axes.index("K")]
+        if t == 1 and cache is not None:
             # one decode token: plain batched mat-vecs over (B, K), half the cache traffic of
             # the general contraction below on XLA:CPU (decode attention is bandwidth-bound)
             qg = q.reshape(b, kv_heads, n // kv_heads, h)
-            logits = jnp.einsum("BKGH,BKSH->BKGS", qg, k, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("BKGH,BKHS->BKGS", qg, k, preferred_element_type=jnp.float32)
             logits = jnp.where(mask[:, 0, None, None], logits * h**-0.5, MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
             out = jnp.einsum("BKGS,BKSH->BKGH", probs, v).reshape(b, t, n, h)
         else:
             qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-            logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", qg, k,
+            logits = jnp.einsum(f"BTKGH,{k_axes}->BKGTS", qg, k,
                                 preferred_element_type=jnp.float32)
             logits = jnp.where(mask[:, None, None], logits * h**-0.5, MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-            out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v).reshape(b, t, n, h)
+            out = jnp.einsum(f"BKGTS,{v_axes}->BTKGH", probs, v).reshape(b, t, n, h)
         wo = self.o_proj.weight[...].astype(dt)  # [D, N, H] -> [D, N*H]: a plain matmul
         out = jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), wo.reshape(wo.shape[0], -1))
         return out, cache

@@ -134,7 +134,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules) -> Any:
     """Shardings of a :class:`~tapo_jax.models.qwen3.KVCache`: batch dim by the ``batch`` rule,
     kv heads by the ``kv_heads`` rule, each only where it divides."""
-    k_axes = ("batch", "kv_heads", None, None)  # per layer [B, K, S, H]
+    k_axes = ("batch", "kv_heads", None, None)  # per layer keys [B, K, H, S], values [B, K, S, H]
     return type(cache)(
         k=tuple(logical_sharding(mesh, k_axes, rules, x.shape) for x in cache.k),
         v=tuple(logical_sharding(mesh, k_axes, rules, x.shape) for x in cache.v),

@@ -31,12 +31,12 @@ from flax import nnx
 
 from tapo_jax.models import sharding as sharding_lib
 from tapo_jax.models.qwen3 import KVCache, init_cache
-from tapo_jax.sampling.logits import sample_tokens
+from tapo_jax.sampling.logits import sample_tokens, uniforms, uses_uniforms
 
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: KVCache  # k, v: L x [S, K, M, H]; pos int32[S, M]
+    cache: KVCache  # k: L x [S, K, H, M], v: L x [S, K, M, H]; pos int32[S, M]
     next_pos: jax.Array  # int32[S]   position (= cache index) of the token fed next
     last_token: jax.Array  # int32[S]   token fed at the next step
     generated: jax.Array  # int32[S]   tokens produced so far (the prefill token included)
@@ -55,7 +55,7 @@ class DecodeState:
 class Prefix:
     """Prefilled requests, ready to insert: their KV and first sampled token."""
 
-    k: tuple[jax.Array, ...]  # L x [P, K, T, H]
+    k: tuple[jax.Array, ...]  # L x [P, K, H, T]
     v: tuple[jax.Array, ...]  # L x [P, K, T, H]
     true_length: jax.Array  # int32[P]
     first_token: jax.Array  # int32[P]
@@ -201,15 +201,13 @@ class Engine:
     def _insert_impl(self, prefix, state, slots, max_new, temperature, top_p, top_k, min_p):
         """Write prefix rows into ``slots`` (int32[P], -1 = skip this row)."""
         self.compile_counts["insert"] += 1
-        T = prefix.k[0].shape[2]
+        T = prefix.v[0].shape[2]
         M = state.cache.pos.shape[1]
         tgt = jnp.where(slots >= 0, slots, self.num_slots)  # out of range -> dropped
-
-        def write(cache, new):
-            return tuple(c.at[tgt, :, :T].set(x.astype(c.dtype), mode="drop")
-                         for c, x in zip(cache, new))
-
-        k, v = write(state.cache.k, prefix.k), write(state.cache.v, prefix.v)
+        k = tuple(c.at[tgt, :, :, :T].set(x.astype(c.dtype), mode="drop")
+                  for c, x in zip(state.cache.k, prefix.k))
+        v = tuple(c.at[tgt, :, :T].set(x.astype(c.dtype), mode="drop")
+                  for c, x in zip(state.cache.v, prefix.v))
         cols = jnp.arange(M)[None, :]
         pos_rows = jnp.where(cols < prefix.true_length[:, None], cols, -1).astype(jnp.int32)
         pos = state.cache.pos.at[tgt].set(pos_rows, mode="drop")
@@ -237,17 +235,17 @@ class Engine:
                               ("temperature", "top_p", "top_k", "min_p")))
 
     # -------------------------------------------------------------------- generate
-    def _step(self, params, state: DecodeState, k_bound, filtered, max_len):
-        """One token for every live slot. ``state.cache`` may be a window of the first slots of
-        the full cache (``max_len`` slots): the window is attended to whole."""
+    def _step(self, params, state: DecodeState, keys, u, k_bound, filtered, max_len):
+        """One token for every live slot, drawn with ``keys`` uint32[S, 2] (and ``u`` f32[S]
+        = uniforms(keys), or None). ``state.cache`` may be a window of the first slots of the
+        full cache (``max_len`` slots): the window is attended to whole."""
         model = nnx.merge(self.graphdef, params)
         live = ~state.done
         logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
                               live[:, None], cache=state.cache, cache_index=state.next_pos)
-        keys = jax.vmap(jax.random.fold_in)(state.keys, state.generated)
         tok, lp = sample_tokens(logits[:, 0].astype(jnp.float32), keys, state.temperature,
                                 state.top_k, state.top_p, state.min_p, k_bound=k_bound,
-                                filtered=filtered)
+                                filtered=filtered, u=u)
         is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1)
         generated = state.generated + live
         out_of_room = state.next_pos + 2 > max_len
@@ -270,8 +268,17 @@ class Engine:
         full = state.cache
         if attend_len is not None and attend_len < M:
             state = state.replace(cache=KVCache(
-                k=tuple(c[:, :, :attend_len] for c in full.k),
+                k=tuple(c[..., :attend_len] for c in full.k),
                 v=tuple(c[:, :, :attend_len] for c in full.v), pos=full.pos[:, :attend_len]))
+
+        # Token g of a request is drawn with fold_in(request key, g); a slot live at step i of
+        # this call has generated g0 + i tokens. All keys (and uniforms) of the call at once:
+        # on XLA:CPU each PRNG evaluation is a small loop, costly per decode step.
+        offsets = jnp.arange(steps, dtype=state.generated.dtype)
+        fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, 0)), (None, 1), 1)
+        step_keys = fold(state.keys, state.generated[:, None] + offsets[None, :])  # [S, N, 2]
+        step_u = (uniforms(step_keys) if uses_uniforms(self.cfg.vocab_size, k_bound=k_bound,
+                                                       filtered=filtered) else None)  # [S, N]
 
         def cond(carry):
             i, st, _ = carry
@@ -279,7 +286,10 @@ class Engine:
 
         def body(carry):
             i, st, (toks, lps, valid) = carry
-            st, tok, lp, live = self._step(params, st, k_bound, filtered, M)
+            keys = jax.lax.dynamic_index_in_dim(step_keys, i, axis=1, keepdims=False)
+            u = (None if step_u is None else
+                 jax.lax.dynamic_index_in_dim(step_u, i, axis=1, keepdims=False))
+            st, tok, lp, live = self._step(params, st, keys, u, k_bound, filtered, M)
             toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
             lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
             valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))

@@ -69,7 +69,8 @@ def _bisect_bits(pred, hi: jax.Array) -> jax.Array:
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
     hi_bits = jax.lax.bitcast_convert_type(hi, jnp.int32)
-    _, hi_bits = jax.lax.fori_loop(0, _BISECT_STEPS, body, (jnp.full_like(hi_bits, -1), hi_bits))
+    _, hi_bits = jax.lax.fori_loop(0, _BISECT_STEPS, body, (jnp.full_like(hi_bits, -1), hi_bits),
+                                   unroll=True)
     return hi_bits
 
 
@@ -104,9 +105,19 @@ def truncation_mask(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p:
     return keep | (probs >= p_max[:, None])
 
 
-def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64) -> jax.Array:
+def uniforms(keys: jax.Array) -> jax.Array:
+    """The uniform number in [0, 1) that the inverse-CDF draw uses, per row: f32[...] from raw
+    PRNG keys uint32[..., 2] (precomputed by the engine for a whole decode call)."""
+    flat = keys.reshape(-1, 2)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(flat)
+    return u.reshape(keys.shape[:-1])
+
+
+def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64,
+                      u: jax.Array | None = None) -> jax.Array:
     """One index per row with probability proportional to ``weights`` f32[S, V] (>= 0), by
-    inverting the cumulative distribution at one uniform draw per row. keys uint32[S, 2].
+    inverting the cumulative distribution at one uniform draw per row. keys uint32[S, 2]
+    (``u`` f32[S]: the draws, when already computed as ``uniforms(keys)``).
 
     Two levels, so no scan runs over the whole vocabulary: the cumulative sum of per-block
     masses picks the block holding the draw, then a cumulative sum inside that block picks the
@@ -115,7 +126,7 @@ def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64) -> j
     S, V = weights.shape
     nb = -(-V // block)
     w = jnp.pad(weights, ((0, 0), (0, nb * block - V))).reshape(S, nb, block)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+    u = uniforms(keys) if u is None else u
     block_cdf = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)  # [S, nb]
     target = u * block_cdf[:, -1]
     b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), nb - 1)
@@ -134,12 +145,18 @@ def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64) -> j
     return jnp.minimum(idx, V - 1).astype(jnp.int32)
 
 
+def uses_uniforms(vocab_size: int, *, k_bound: int, filtered: bool) -> bool:
+    """Whether :func:`sample_tokens` draws by inverse CDF (so takes ``u``) with these options."""
+    return not (filtered and k_bound < vocab_size)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array, min_p: jax.Array, *, k_bound: int, filtered: bool
-                  ) -> tuple[jax.Array, jax.Array]:
+                  top_p: jax.Array, min_p: jax.Array, *, k_bound: int, filtered: bool,
+                  u: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """One token per row and its log-prob (see module doc).
 
-    logits f32[S, V]; keys: raw PRNG keys uint32[S, 2] (one per row); per-row params [S].
+    logits f32[S, V]; keys: raw PRNG keys uint32[S, 2] (one per row); per-row params [S];
+    ``u`` f32[S]: optionally ``uniforms(keys)``, precomputed (see ``uses_uniforms``).
     ``k_bound`` (static) bounds every row's top-k (V when some row has top-k off);
     ``filtered`` (static) is False when no row uses top-k, top-p or min-p (plain categorical).
     Rows with temperature 0 take the argmax.
@@ -148,19 +165,21 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     V = logits.shape[-1]
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     scaled = logits / t
-    if filtered and k_bound < V:
+    logp = jax.nn.log_softmax(scaled, axis=-1)  # the policy at the sampling temperature
+    if not uses_uniforms(V, k_bound=k_bound, filtered=filtered):
         cand, ids = filter_candidates(scaled, top_k, top_p, min_p, k_bound)
         choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, cand)
         sampled = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     else:
-        probs = jax.nn.softmax(scaled, axis=-1)
+        probs = jnp.exp(logp)
         if filtered:
             probs = jnp.where(truncation_mask(probs, top_k, top_p, min_p), probs, 0.0)
-        sampled = _draw_inverse_cdf(keys, probs)
+        sampled = _draw_inverse_cdf(keys, probs, u=u)
     # argmax is a full pass over the vocabulary: only when some row is greedy
     greedy_rows = temperature <= 0
     tokens = jax.lax.cond(
         jnp.any(greedy_rows),
         lambda: jnp.where(greedy_rows, jnp.argmax(logits, axis=-1), sampled),
         lambda: sampled).astype(jnp.int32)
-    return tokens, sampled_logprob(logits, tokens, temperature)
+    # = sampled_logprob(logits, tokens, temperature), sharing the log-softmax computed above
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
