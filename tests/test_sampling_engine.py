@@ -17,6 +17,7 @@ from tapo_jax.config import MeshConfig
 from tapo_jax.models import load_hf
 from tapo_jax.models.sharding import make_mesh
 from tapo_jax.sampling import Sampler
+from tapo_jax.sampling.engine import Engine
 
 TIED = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
             num_kv_heads=2, tie=True, seed=1)
@@ -144,6 +145,22 @@ def test_threshold_top_p_logprobs_match_teacher_forced_forward(tied, slot_runs):
         np.testing.assert_allclose(four.logprobs[r], ref, atol=1e-4, err_msg=f"request {r}")
 
 
+def test_cache_window_matches_whole_cache(tied):
+    """A long cache, of which decode calls cut a window (32 slots, then 64) and write it back,
+    gives the same rollouts as a cache read whole; a second call on the same engine too."""
+    _, model, _ = tied
+    graphdef, params = nnx.split(model, nnx.Param)
+    kw = dict(SLOT_KW, max_new_tokens=40, stop_ids=())
+    whole = Sampler(graphdef, params, num_slots=4, max_len=60, chunk=4)
+    assert whole.engine.attend_bucket(1) == 60
+    ref = whole.generate(SLOT_PROMPTS, **kw)
+    assert max(ref.lengths) == 40
+    long = Sampler(graphdef, params, num_slots=4, max_len=256, chunk=4)
+    assert [long.engine.attend_bucket(n) for n in (20, 40)] == [32, 64]
+    for _ in range(2):
+        assert_same_rollouts(ref, long.generate(SLOT_PROMPTS, **kw))
+
+
 def test_same_outputs_on_sharded_mesh(hf_checkpoint, slot_runs):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
@@ -218,10 +235,14 @@ def test_compilations_are_bounded(slot_runs, tied):
 
 
 def test_attend_buckets(tied):
-    """Decode calls read a power-of-two head of the cache (>= 32, capped at max_len)."""
+    """Decode calls read a power-of-two head of the cache (>= 32) while it is at most half the
+    cache, else the whole cache."""
     engine = tied[2].engine
-    assert [engine.attend_bucket(n) for n in (1, 32, 33, 64, 65)] == [
-        min(b, engine.max_len) for b in (32, 32, 64, 64, 128)]
+    assert engine.max_len == 40
+    assert [engine.attend_bucket(n) for n in (1, 20, 33, 40)] == [40] * 4
+    big = Engine(engine.graphdef, engine.params, num_slots=2, max_len=300)
+    assert [big.attend_bucket(n) for n in (1, 32, 33, 64, 65, 128, 129, 150, 151, 300)] == [
+        32, 32, 64, 64, 128, 128, 300, 300, 300, 300]
     assert engine.attend_bucket(10**6) == engine.max_len
     with pytest.raises(ValueError, match="attend"):
         engine.attend_bucket(0)

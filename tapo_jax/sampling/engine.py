@@ -159,11 +159,15 @@ class Engine:
 
     def attend_bucket(self, n: int) -> int:
         """Cache slots a decode call reads when no live sequence reaches past slot ``n``: a
-        power of two (at least 32), capped at the cache length, so the number of decode
-        compilations stays logarithmic in ``max_len``."""
+        power of two (at least 32) up to half the cache length, else the whole cache, so the
+        number of decode compilations stays logarithmic in ``max_len``.
+
+        A window is cut from the cache and written back once per call (see ``generate``), about
+        four reads of the window; it pays when it skips at least half of the cache."""
         if n < 1:
             raise ValueError(f"attend length must be >= 1, got {n}")
-        return min(max(32, _pow2_at_least(n)), self.max_len)
+        b = max(32, _pow2_at_least(n))
+        return b if 2 * b <= self.max_len else self.max_len
 
     def row_bucket(self, n: int) -> int:
         """Prefill rows: powers of two from num_slots / 8 up to num_slots (few compilations)."""
