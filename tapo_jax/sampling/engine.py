@@ -314,7 +314,9 @@ class Engine:
         """Up to ``steps`` tokens for every live slot (stops early when every slot is done).
 
         ``attend_len``: read only the first cache slots (from :meth:`attend_bucket`). It must
-        exceed every live slot's ``next_pos + steps - 1``; None reads the whole cache.
+        exceed every live slot's ``next_pos + steps - 1``; None reads the whole cache. Below the
+        cache length, the call decodes on a window of those slots, cut from the cache once and
+        written back at the end.
         """
         if attend_len is not None and not 0 < attend_len <= self.max_len:
             raise ValueError(f"attend_len {attend_len} outside [1, {self.max_len}]")
