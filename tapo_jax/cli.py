@@ -147,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a missing or unreadable checkpoint: its message names the path
+        from tapo_jax.train.checkpoints import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

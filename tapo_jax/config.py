@@ -191,8 +191,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
-    resume: bool = False
-    log_every: int = 1
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # start over in an output_dir that holds an earlier run
+    log_every: int = 1  # cold start: log every max(log_every, 10) steps
+    wandb_project: str = ""  # also log to this wandb project (when wandb is installed)
     export_hf: bool = True
     progress: bool = True
 

@@ -259,3 +259,10 @@ def test_checker_works_off_the_main_thread():
     t.start()
     t.join(60)
     assert out == ["correct"]
+
+
+def test_numeric_golds_score_like_their_text(verifier):
+    """Golds given as numbers (Python or NumPy, e.g. from a Parquet column) mean their value."""
+    responses = ["\\boxed{5}", "\\boxed{0.5}", "\\boxed{6}", "\\boxed{\\frac{1}{2}}"]
+    rewards, _ = verifier.score(responses, [np.int64(5), np.float64(0.5), 5, 0.5])
+    assert rewards.tolist() == [1.0, 1.0, 0.0, 1.0]

@@ -543,3 +543,9 @@ def test_opsd_reference_zero_iff_equal_and_student_only_gradient(seed, idx, same
         assert float(loss) > 1e-4
         assert np.any(np.abs(np.asarray(g_s)) > 1e-6)
     assert float(met["opsd_tokens"]) == m.sum()
+
+
+@pytest.mark.parametrize("w_min, w_max", [(0.0, 10.0), (-1.0, 10.0), (2.0, 1.0)])
+def test_ots_rejects_impossible_bounds(w_min, w_max):
+    with pytest.raises(ValueError, match="w_min"):
+        ots_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), w_min=w_min, w_max=w_max)

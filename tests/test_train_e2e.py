@@ -100,14 +100,44 @@ def test_baselines_run(tmp_path, algorithm):
         assert "tapo/constructions_attempted" not in records[-1]
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    _, straight = _run(tmp_path, "straight", "train.steps=3")
-    _run(tmp_path, "resumed", "train.steps=2")
-    _, resumed = _run(tmp_path, "resumed", "train.steps=3", "train.resume=true")
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    """A run killed during step 3 (of 3, cosine schedule) and resumed from its step-2
+    checkpoint logs the step-3 metrics of the uninterrupted run."""
+    from tapo_jax.train import rl_loop
+
+    extra = ("train.steps=3", "optim.schedule=cosine", "optim.learning_rate=3e-3")
+    _, straight = _run(tmp_path, "straight", *extra)
+    real = rl_loop.rl_iteration
+
+    def dies_at_step_3(*args, **kw):
+        if kw["step"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rl_loop, "rl_iteration", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "resumed", *extra)
+    monkeypatch.setattr(rl_loop, "rl_iteration", real)
+    _, resumed = _run(tmp_path, "resumed", *extra, "train.resume=true")
     assert [r["step"] for r in resumed] == [1, 2, 3]
     a, b = straight[-1], resumed[-1]
-    for key in ("loss", "accuracy", "grad_norm", "kl", "response_length_mean", "tokens/sampled"):
+    assert a["learning_rate"] < 3e-3  # the cosine schedule has moved
+    for key in ("loss", "accuracy", "grad_norm", "kl", "learning_rate", "response_length_mean",
+                "tokens/sampled"):
         assert a[key] == b[key], key
+
+
+def test_fresh_run_refuses_an_earlier_runs_directory(tmp_path):
+    """Checkpoints of an earlier run would stand in for the new run's: a clear error, unless
+    the run resumes it or overwrites it."""
+    _run(tmp_path, "run", "train.steps=1")
+    with pytest.raises(ConfigError, match="train.overwrite=true"):
+        _run(tmp_path, "run", "train.steps=2")
+    _, records = _run(tmp_path, "run", "train.steps=2", "train.overwrite=true")
+    assert [r["step"] for r in records] == [1, 2]
+    from tapo_jax.train.checkpoints import Checkpointer
+
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
 
 
 def test_scripted_tapo_iteration_trains_on_parsed_constructions(tmp_path):
@@ -178,5 +208,12 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     bad = tmp_path / "bad" / "checkpoints" / "3"
     bad.mkdir(parents=True)
     (bad / "garbage").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="checkpoints"):
+    with pytest.raises(CheckpointError, match="checkpoints") as err:
         run_evaluation(cfg, checkpoint=str(tmp_path / "bad"))
+    assert "no checkpoint" not in str(err.value)  # reported as unreadable, not as missing
+    proc = subprocess.run(
+        [sys.executable, "-m", "tapo_jax.cli", "eval", "--config", "configs/demo.yaml",
+         "--checkpoint", str(tmp_path / "bad"), *TINY], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2 and "checkpoint error" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -49,7 +49,8 @@ def setup():
     except ``full_step``, so the same initial state feeds every test)."""
     mc = ModelConfig(**PRESETS["tiny"])
     cfg = Config(model=mc, rl=RLConfig(kl_coef=0.1, entropy_coef=0.01),
-                 optim=OptimConfig(learning_rate=1e-3, warmup_steps=2),
+                 optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.1,
+                                   grad_clip=0.05),
                  train=TrainConfig(steps=10))
     mesh8 = sh.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     mesh1 = sh.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -102,8 +103,45 @@ def test_rl_step_metrics_sane(full_step):
     _, new, m = full_step
     assert np.isfinite(list(m.values())).all()
     assert m["grad_norm"] > 0 and m["num_ref_rows"] == 1 and m["num_orig_rows"] == 6
-    np.testing.assert_allclose(m["learning_rate"], 0.0)  # warmup starts at 0
+    np.testing.assert_allclose(m["learning_rate"], 1e-3)  # no warmup: cosine from lr
     assert m["step"] == 1 and int(new.step) == 1
+
+
+def test_first_update_is_clipped_adamw(setup, full_step):
+    """NumPy reference of the first update: g clipped to global norm 0.05, then AdamW with bias
+    correction, p1 = p0 - lr * (g / (|g| + eps) + wd * p0) (weight decay on matrices only)."""
+    cfg, *_, state8, _ = setup
+    _, new, m = full_step
+    o = cfg.optim
+    assert m["grad_norm"] > o.grad_clip  # the clip is active in this step
+    grads = [np.asarray(mu, np.float64) / (1 - o.b1)
+             for mu in jax.tree.leaves(new.opt_state[1][0].mu)]
+    clipped_norm = np.sqrt(sum((g ** 2).sum() for g in grads))
+    np.testing.assert_allclose(clipped_norm, o.grad_clip, rtol=1e-5)
+    p0 = [np.asarray(x, np.float64) for x in jax.tree.leaves(host(state8.params))]
+    p1 = jax.tree.leaves(new.params)
+    for g, a, b in zip(grads, p0, p1):
+        want = a - o.learning_rate * (g / (np.abs(g) + 1e-8) + (o.weight_decay * a
+                                                                   if a.ndim >= 2 else 0.0))
+        np.testing.assert_allclose(b, want, rtol=0, atol=2e-6)
+        assert np.abs(b - a).max() > 0.5 * o.learning_rate  # the params did move
+
+
+def test_lr_schedule_matches_formula():
+    """Linear warmup from 0, then cosine to min_lr_ratio * lr at the last step (NumPy)."""
+    from tapo_jax.train.state import lr_schedule
+
+    o = OptimConfig(learning_rate=2e-3, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    sched = lr_schedule(o, 20)
+    for t in (0, 1, 3, 4, 5, 12, 19, 20, 25):
+        if t < 4:
+            want = 2e-3 * t / 4
+        else:
+            frac = min(t - 4, 16) / 16
+            want = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+        np.testing.assert_allclose(float(sched(t)), want, rtol=1e-6, err_msg=str(t))
+    const = lr_schedule(OptimConfig(learning_rate=1e-3, schedule="constant"), 20)
+    assert float(const(0)) == float(const(19)) == np.float32(1e-3)
 
 
 def test_micro_batches_equal_full_batch(setup, full_step):

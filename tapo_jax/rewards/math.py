@@ -141,7 +141,8 @@ class Verifier:
 
     def _gold(self, gold: str | int | float) -> str | None:
         """Normalised gold answer, or None when unusable."""
-        text = gold if isinstance(gold, str) else repr(gold)
+        # str, not repr: repr(np.int64(5)) is "np.int64(5)"
+        text = gold if isinstance(gold, str) else str(gold)
         if "\\boxed" in text or "\\fbox" in text:
             text = extract_boxed(text, tail_chars=0) or text
         g = normalize(text)

@@ -258,6 +258,9 @@ def ots_weights(
     [log w_min, log w_max] *before* exp, so large positive s never overflows; w = 1 exactly when
     logprob = -entropy. No gradient flows into ``logprobs`` or ``entropy``.
     """
+    if not 0 < w_min <= w_max:
+        raise ValueError(f"ots_weights needs 0 < w_min <= w_max, got w_min={w_min}, "
+                         f"w_max={w_max}")
     s = jax.lax.stop_gradient(logprobs.astype(jnp.float32) + entropy.astype(jnp.float32))
     s = jnp.clip(s, math.log(w_min), math.log(w_max))
     return jnp.clip(jnp.exp(s), w_min, w_max)

@@ -30,6 +30,7 @@ Letters: B rows, T length, D model dim, V vocabulary, M micro-batches.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal, Sequence
 
 import flax.struct
@@ -395,9 +396,14 @@ def split_minibatches(batch: Any, n: int, mesh: Mesh) -> list[Any]:
     rows = jax.tree.leaves(batch)[0].shape[0]
     if rows % n:
         raise ValueError(f"train.mini_batches = {n} must divide the batch's {rows} rows")
-    split = jax.jit(lambda b: [jax.tree.map(lambda x: x[i::n], b) for i in range(n)],
-                    out_shardings=sh)
-    return split(batch)
+    return _splitter(n, sh)(batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _splitter(n: int, sharding: NamedSharding) -> Callable:
+    """One jitted splitter per (n, sharding): built once, so it compiles once per batch shape."""
+    return jax.jit(lambda b: [jax.tree.map(lambda x: x[i::n], b) for i in range(n)],
+                   out_shardings=sharding)
 
 
 def update_on_batch(train_step: Callable, state: TrainState, batch: Any, mesh: Mesh, *,

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+
+log = logging.getLogger("tapo_jax")
 
 __all__ = ["METRICS_FILE", "MetricsWriter", "Progress", "StepTimer", "read_metrics", "to_floats"]
 
@@ -96,14 +99,16 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                pass
+                log.info("TensorBoard logging off: tensorboardX is not installed "
+                         "(pip install 'tapo-jax[tensorboard]'); metrics go to %s", self.path)
             else:
                 self._tb = SummaryWriter(str(self.run_dir / "tb"))
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                pass
+                log.warning("wandb_project %r given but wandb is not installed: not logging "
+                            "to wandb", wandb_project)
             else:
                 import dataclasses
 

@@ -219,9 +219,14 @@ def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
     from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
 
     kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
+    # log-probs (old, reference, current) at the rollout temperature: the ratio and the policy
+    # gradient are then those of the distribution the rollouts were drawn from
+    t_roll = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
+    t_step = cfg.rl.opsd_temperature if kind == "opsd" else t_roll
     return {
-        "step": make_train_step(graphdef, cfg, mesh, kind=kind),
-        "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size),
+        "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step),
+        "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size,
+                                   temperature=t_roll),
         "advantages": make_advantage_fn(cfg),
     }
 

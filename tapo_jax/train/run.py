@@ -159,6 +159,8 @@ def _setup_logging() -> None:
 
 def run_training(cfg: Config) -> dict:
     """Cold start (optional) -> eval before -> RL -> eval after -> HF export, plot, summary."""
+    import jax
+
     from tapo_jax.data.datasets import DataIterator
     from tapo_jax.rewards.math import default_verifier
     from tapo_jax.train import checkpoints as ckpt_lib
@@ -170,7 +172,7 @@ def run_training(cfg: Config) -> dict:
     _setup_logging()
     t_start = time.time()
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(cfg, out)
     policy = Policy(cfg)
     cfg = policy.cfg
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -186,9 +188,12 @@ def run_training(cfg: Config) -> dict:
     kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
     tx = make_optimizer(*optim_config_for(cfg, kind))
     resume_step = manager.latest_step() if cfg.train.resume else None
+    if cfg.train.resume and resume_step is None:
+        log.info("train.resume: no checkpoint in %s yet, starting from step 0", manager.directory)
     main = is_main_process()
     writer = MetricsWriter(out, config=cfg, resume_step=resume_step if resume_step else 0,
-                           enabled=main)
+                           enabled=main, wandb_project=cfg.train.wandb_project or None)
+    run_key = jax.random.PRNGKey(cfg.train.seed)  # every random choice of the run derives from it
     data_iter = DataIterator(train_records, cfg.train.batch_size, seed=cfg.train.seed,
                              shuffle=cfg.data.shuffle)
 
@@ -197,6 +202,12 @@ def run_training(cfg: Config) -> dict:
 
         abstract = abstract_train_state(cfg.model, tx, policy.mesh)[1]
         restored = manager.restore(abstract, resume_step)
+        if restored.rng is not None and not np.array_equal(
+                np.asarray(jax.random.key_data(restored.rng) if jax.dtypes.issubdtype(
+                    restored.rng.dtype, jax.dtypes.prng_key) else restored.rng),
+                np.asarray(run_key)):
+            raise ConfigError(f"train.seed = {cfg.train.seed} differs from the seed of the run "
+                              f"checkpointed in {manager.directory}; a resumed run must keep it")
         state = restored.state
         data_iter.load_state_dict(restored.data_state["data"])
         summary.update(restored.data_state.get("summary", {}))
@@ -239,29 +250,31 @@ def run_training(cfg: Config) -> dict:
 
     bar = _bar(cfg.train.steps, start, f"{cfg.rl.algorithm}", cfg.train.progress)
     t_rl = time.time()
-    for step in range(start, cfg.train.steps):
-        records = next(data_iter)
-        state, metrics, examples = rl_loop.rl_iteration(
-            cfg, ctx, state=state, ref_params=ref_params, step=step, records=records,
-            more_records=lambda: next(data_iter), fns=fns, sampler_params=state.params)
-        writer.write(step + 1, metrics)
-        if examples and main:
-            with examples_path.open("a") as f:
-                for ex in examples:
-                    f.write(json.dumps(dict(step=step + 1, **ex)) + "\n")
-        if bar is not None:
-            bar.set_postfix(acc=f"{metrics['accuracy']:.2f}",
-                            ots=f"{metrics.get('ots_weight_mean', float('nan')):.2f}",
-                            cons=f"{metrics.get('tapo/constructions_correct', 0):.0f}/"
-                                 f"{metrics.get('tapo/constructions_attempted', 0):.0f}",
-                            refresh=False)  # drawn by update(), at the bar's own pace
-            bar.update(1)
-        manager.save(step + 1, state, data_state={"data": data_iter.state_dict(),
-                                                  "summary": _jsonable(summary)},
-                     config=cfg, force=step + 1 == cfg.train.steps)
+    try:  # a pending asynchronous save reaches the disk even when the loop is stopped
+        for step in range(start, cfg.train.steps):
+            records = next(data_iter)
+            state, metrics, examples = rl_loop.rl_iteration(
+                cfg, ctx, state=state, ref_params=ref_params, step=step, records=records,
+                more_records=lambda: next(data_iter), fns=fns, sampler_params=state.params)
+            writer.write(step + 1, metrics)
+            if examples and main:
+                with examples_path.open("a") as f:
+                    for ex in examples:
+                        f.write(json.dumps(dict(step=step + 1, **ex)) + "\n")
+            if bar is not None:
+                bar.set_postfix(acc=f"{metrics['accuracy']:.2f}",
+                                ots=f"{metrics.get('ots_weight_mean', float('nan')):.2f}",
+                                cons=f"{metrics.get('tapo/constructions_correct', 0):.0f}/"
+                                     f"{metrics.get('tapo/constructions_attempted', 0):.0f}",
+                                refresh=False)  # drawn by update(), at the bar's own pace
+                bar.update(1)
+            manager.save(step + 1, state, data_state={"data": data_iter.state_dict(),
+                                                      "summary": _jsonable(summary)},
+                         rng=run_key, config=cfg, force=step + 1 == cfg.train.steps)
+    finally:
+        manager.close()
     if bar is not None:
         bar.close()
-    manager.close()
     summary["rl_seconds"] = round(time.time() - t_rl, 1)
 
     if cfg.eval.before_and_after and eval_records:
@@ -274,6 +287,36 @@ def run_training(cfg: Config) -> dict:
     summary["total_seconds"] = round(time.time() - t_start, 1)
     _write_summary(out, summary)
     return summary
+
+
+# What an earlier run leaves in its directory (all of it is replaced by train.overwrite=true).
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "examples.jsonl", "cold_start", "eval",
+                "hf", "hf_cold_start", "training_dynamics.png", "summary.md")
+
+
+def _prepare_run_dir(cfg: Config, out: Path) -> None:
+    """Create ``out``; refuse to mix a new run into the outputs of an earlier one (its
+    checkpoints would stand in for the new run's and block them) unless told how."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.resume:
+        return
+    earlier = [name for name in _RUN_OUTPUTS if (out / name).exists()]
+    if not earlier:
+        return
+    if not cfg.train.overwrite:
+        raise ConfigError(
+            f"train.output_dir {out} holds an earlier run ({', '.join(earlier)}); continue it "
+            "with train.resume=true, replace it with train.overwrite=true, or choose another "
+            "train.output_dir")
+    from tapo_jax.train.distributed import is_main_process
+
+    if is_main_process():
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    log.info("train.overwrite: removed the earlier run in %s", out)
 
 
 def _reference_params(cfg: Config, policy: "Policy") -> Any:
