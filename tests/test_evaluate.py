@@ -187,7 +187,7 @@ PROBLEMS = [EvalProblem("p0", "70"), EvalProblem("p1", "19"), EvalProblem("p2", 
 # p2 one flip to a wrong answer and one direct; p3 none correct.
 TABLE = {
     "p0": [FIXED, FIXED.replace("\\boxed{70}", "\\boxed{71}"), DIRECT.replace("14}", "70}"),
-           "no answer"],
+           "So the answer is 70."],  # no box: wrong, except for the lenient reading
     "p1": [CHECK_ONLY] * 4,
     "p2": [DIRECT, FLIP, DIRECT.replace("14}", "13}"), "\\boxed{14}"],
     "p3": ["\\boxed{9}"] * 4,
@@ -222,6 +222,8 @@ def test_run_eval_end_to_end_and_report(tmp_path):
     assert res.counts["markers_without_change"] == 2 * 4  # CHECK_ONLY x 4 per run
     assert res.problem_pass_rate == [0.5, 1.0, 0.5, 0.0]
     assert res.reasons["no_box"] == 2 and res.examples and res.examples[0]["response"] == FIXED
+    # lenient: "the answer is 70" also counts, reported on its own
+    assert res.lenient_pass_at_1 == {"mean": pytest.approx(9 / 16), "std": 0.0}
 
     # An oracle that finds no error before any reflection makes ERR zero.
     seen = []
@@ -246,6 +248,7 @@ def test_run_eval_end_to_end_and_report(tmp_path):
     assert "| before | 50.0 ± 0.0 |" in md and "| after | 50.0 ± 0.0 |" in md
     assert "75.0 ± 0.0 | 33.3 ± 0.0 |" in md and "| 0.0 ± 0.0 |" in md
     assert md.count("\n| before |") == 2 and format_table(data) in md
+    assert "| Pass@1 lenient |" in md
 
 
 def test_run_eval_limits_problems_and_checks_sampler_output():

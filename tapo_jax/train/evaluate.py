@@ -323,6 +323,9 @@ class EvalResult:
     reasons: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)
+    # Pass@1 when the answer may also be stated in words ("the answer is 12"): an evaluation-only
+    # reading of the responses, reported beside (never instead of) the strict boxed score
+    lenient_pass_at_1: dict[str, Optional[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -368,6 +371,7 @@ def run_eval(
     seed: int,
     oracle: Optional[Oracle] = None,
     score_fn: Optional[Callable] = None,
+    lenient_score_fn: Optional[Callable] = None,
     num_examples: int = 3,
 ) -> EvalResult:
     """Evaluate a policy: R = ``cfg.runs`` runs of ``cfg.num_samples`` completions per problem.
@@ -375,11 +379,18 @@ def run_eval(
     ``cfg`` is an :class:`tapo_jax.config.EvalConfig`. ``sample_fn(prompts, n, seed)`` returns,
     per prompt, n completion texts; it owns templates, tokenization and the sampling settings
     (``cfg.temperature``, ``cfg.top_p``, ``cfg.max_new_tokens``). Responses are scored by
-    ``score_fn`` (default :func:`tapo_jax.rewards.math.score`). ``oracle(problem, prefix) ->
+    ``score_fn`` (default :func:`tapo_jax.rewards.math.score`), and for the separately
+    reported lenient Pass@1 by ``lenient_score_fn`` (default: the same with ``lenient=True``;
+    none when only a custom ``score_fn`` is given). ``oracle(problem, prefix) ->
     bool`` confirms an error before a reflection (default: the evidence in the revision itself).
     """
     if score_fn is None:
+        import functools
+
         from tapo_jax.rewards.math import score as score_fn
+
+        if lenient_score_fn is None:
+            lenient_score_fn = functools.partial(score_fn, lenient=True)
     items = [as_problem(p) for p in problems]
     if cfg.num_problems > 0:
         items = items[: cfg.num_problems]
@@ -387,7 +398,7 @@ def run_eval(
         raise ValueError("run_eval: no problems to evaluate")
     n, prompts = cfg.num_samples, [p.prompt for p in items]
     golds = [p.answer for p in items for _ in range(n)]
-    corrects, per_run, reasons, examples = [], [], {}, []
+    corrects, per_run, reasons, examples, lenient = [], [], {}, [], []
     for r in range(cfg.runs):
         texts = sample_fn(prompts, n, run_seed(seed, r))
         if len(texts) != len(items) or any(len(t) != n for t in texts):
@@ -395,6 +406,8 @@ def run_eval(
         flat = [t for row in texts for t in row]
         rewards, why = score_fn(flat, golds)
         correct = np.asarray(rewards).reshape(len(items), n) > 0
+        if lenient_score_fn is not None:
+            lenient.append(float(np.mean(np.asarray(lenient_score_fn(flat, golds)[0]) > 0)))
         refl = [detect_reflection(t) for t in flat]
         reflects = np.array([a.reflects for a in refl]).reshape(correct.shape)
         confirmed = []
@@ -430,6 +443,7 @@ def run_eval(
                       temperature=cfg.temperature, top_p=cfg.top_p,
                       oracle=getattr(oracle, "__name__", None) if oracle else None),
         examples=examples,
+        lenient_pass_at_1=_mean_std(lenient) if lenient else {},
     )
 
 
@@ -448,12 +462,15 @@ def format_table(results: dict[str, Any]) -> str:
     """Markdown tables (one row per named result; values are EvalResult or their dicts)."""
     rows = {name: r.to_dict() if isinstance(r, EvalResult) else r for name, r in results.items()}
     k_max = max(len(r["pass_at_k"]) for r in rows.values())
-    head = ["model"] + [f"Pass@{k}" for k in range(1, k_max + 1)] + ["DSR", "ERR"]
-    lines = ["Values in %, mean ± std over runs. DSR / ERR on problems with pass rate in (0, 1).",
+    head = (["model"] + [f"Pass@{k}" for k in range(1, k_max + 1)] + ["DSR", "ERR"]
+            + ["Pass@1 lenient"])
+    lines = ["Values in %, mean ± std over runs. DSR / ERR on problems with pass rate in (0, 1). "
+             "Lenient: the final answer may also be stated in words (evaluation only).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         cells = [_pct(r["pass_at_k"].get(f"pass@{k}", {})) for k in range(1, k_max + 1)]
-        lines.append("| " + " | ".join([name] + cells + [_pct(r["dsr"]), _pct(r["err"])]) + " |")
+        cells += [_pct(r["dsr"]), _pct(r["err"]), _pct(r.get("lenient_pass_at_1") or {})]
+        lines.append("| " + " | ".join([name] + cells) + " |")
     keys = ["problems", "samples_per_problem", "runs", "correct_total", "zpd_problems",
             "correct_direct", "reflecting", "reflecting_recovered", "markers_without_change"]
     lines += ["", "| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
