@@ -223,10 +223,13 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
         kept += int(chk.kept)
     stats["prefix_preservation"] = float(np.mean(ratios))
     stats["prefix_kept_share"] = kept / len(keep)
-    eos = tokenizer.eos_token_id
+    from tapo_jax.train.setup import end_of_turn_id
+
+    end = end_of_turn_id(tokenizer)  # ends like a sampled response to the same prompt
     for i, rw in zip(keep, r_rew):
         q = sel.pairs[i].query
-        y = tokenizer(recons[i], add_special_tokens=False)["input_ids"] + [eos]
+        y = tokenizer(recons[i], add_special_tokens=False)["input_ids"]
+        y = y + [end] if end is not None else y
         out.rows.append(Row(ids[q], y, query_index=q, is_reflection=True, reward=float(rw)))
     out.examples.append(dict(kind="reconstruction", question=questions[keep[0]],
                              wrong=wrongs[keep[0]], reconstruction=recons[keep[0]],

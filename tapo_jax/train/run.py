@@ -124,7 +124,10 @@ def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: 
     problems = [_eval_problem(r, cfg) for r in records]
     result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle)
     result.settings["seconds"] = round(time.time() - t0, 1)
-    write_report(result, out_dir, name)
+    from tapo_jax.train.distributed import is_main_process
+
+    if is_main_process():
+        write_report(result, out_dir, name)
     p1 = result.pass_at_k.get("pass@1", {})
     log.info("eval %s: pass@1 %.3f ± %.3f (%.0fs)", name, p1.get("mean") or 0.0,
              p1.get("std") or 0.0, time.time() - t0)
@@ -175,7 +178,9 @@ def run_training(cfg: Config) -> dict:
     _prepare_run_dir(cfg, out)
     policy = Policy(cfg)
     cfg = policy.cfg
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    main = is_main_process()
+    if main:  # files of the run are written once, by process 0
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     train_records, eval_records = _records(cfg, False), _records(cfg, True)
     if cfg.eval.num_problems:
         eval_records = eval_records[: cfg.eval.num_problems]
@@ -190,7 +195,6 @@ def run_training(cfg: Config) -> dict:
     resume_step = manager.latest_step() if cfg.train.resume else None
     if cfg.train.resume and resume_step is None:
         log.info("train.resume: no checkpoint in %s yet, starting from step 0", manager.directory)
-    main = is_main_process()
     writer = MetricsWriter(out, config=cfg, resume_step=resume_step if resume_step else 0,
                            enabled=main, wandb_project=cfg.train.wandb_project or None)
     run_key = jax.random.PRNGKey(cfg.train.seed)  # every random choice of the run derives from it
@@ -283,9 +287,10 @@ def run_training(cfg: Config) -> dict:
     if cfg.train.export_hf:
         _export(policy, state.params, out / "hf", cfg)
     writer.close()
-    _plot(out)
     summary["total_seconds"] = round(time.time() - t_start, 1)
-    _write_summary(out, summary)
+    if main:
+        _plot(out)
+        _write_summary(out, summary)
     return summary
 
 
@@ -343,8 +348,11 @@ def _bar(total: int, start: int, desc: str, enabled: bool):
 def _export(policy: Policy, params: Any, path: Path, cfg: Config) -> None:
     from tapo_jax.models.hf import export_state_to_hf
 
-    export_state_to_hf(cfg.model, params, path)
-    policy.tokenizer.save_pretrained(str(path))
+    from tapo_jax.train.distributed import is_main_process
+
+    export_state_to_hf(cfg.model, params, path)  # every process gathers, process 0 writes
+    if is_main_process():
+        policy.tokenizer.save_pretrained(str(path))
     log.info("exported HF checkpoint to %s", path)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tapo_jax.config import Config, ConfigError
 
@@ -52,6 +52,15 @@ def stop_ids(tokenizer: Any) -> tuple[int, ...]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return tuple(sorted(set(ids)))
+
+
+def end_of_turn_id(tokenizer: Any) -> Optional[int]:
+    """The token a finished response ends with: ``<|im_end|>`` when the vocabulary has it (the
+    chat models' end of turn, where sampled responses stop), else the eos token, else None."""
+    i = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id:
+        return i
+    return tokenizer.eos_token_id
 
 
 def build_model(cfg: Config, mesh: Any, rules: Any) -> tuple[Any, Config]:
