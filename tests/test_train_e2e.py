@@ -217,3 +217,104 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         timeout=300)
     assert proc.returncode == 2 and "checkpoint error" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _scripted_context(cfg, counts, *, cut_last=False):
+    """Policy, a scripted sampler (question q: counts[q] correct answers of K, then slips) and
+    the loop context, for driving the device path of an iteration with known rollouts."""
+    import dataclasses
+
+    from tapo_jax.data import arithmetic as A
+    from tapo_jax.data.datasets import encode_prompts
+    from tapo_jax.rewards.math import score
+    from tapo_jax.train import rl_loop
+    from tapo_jax.train.rollout import Completion
+    from tapo_jax.train.run import Policy
+    from test_train_rollout import _script
+
+    policy = Policy(cfg)
+    problems = A.generate_problems(len(counts), seed=3, min_steps=2, max_steps=2)
+
+    def make_sample():  # a fresh script each time: the same rollouts for every caller
+        inner, _ = _script(policy.tokenizer, problems,
+                           {p.question: c for p, c in zip(problems, counts)})
+        if not cut_last:
+            return inner
+
+        def sample(prompt_ids, n, max_new_tokens, seed):  # the last of each group was cut
+            groups = inner(prompt_ids, n, max_new_tokens, seed)
+            return [g[:-1] + [dataclasses.replace(g[-1], finish_reason="length")]
+                    for g in groups]
+        return sample
+
+    del Completion
+    encode = lambda ps: encode_prompts(ps, policy.tokenizer)  # noqa: E731
+    ctx = rl_loop.LoopContext(
+        graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
+        sample_fn=lambda params: make_sample(), encode=encode, score=score,
+        reward_stats=lambda: {})
+    return policy, problems, make_sample(), ctx, encode
+
+
+def test_scripted_opsd_iteration_distills_from_the_solution_prompt(tmp_path):
+    """OPSD: teacher rows are the question plus a correct solution of the group, then the same
+    response; groups without a correct rollout train nothing; the update moves the params."""
+    from tapo_jax.train import rl_loop, rollout
+    from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
+
+    cfg = load_config("configs/demo.yaml", TINY + [
+        "rl.algorithm=opsd", "rl.num_samples=4", "train.batch_size=3",
+        "sampling.max_new_tokens=48", "sampling.max_prompt_len=32"])
+    policy, problems, sample, ctx, encode = _scripted_context(cfg, [2, 0, 4])
+    cfg = policy.cfg
+    pad = policy.tokenizer.pad_token_id
+    col = rollout.collect([p.record() for p in problems], cfg=cfg, tokenizer=policy.tokenizer,
+                          step=0, sample=sample, score=ctx.score, encode=encode)
+    batch, _, skipped = rl_loop.assemble_opsd_batch(col, cfg, policy.mesh, pad, encode)
+    assert skipped == 4  # the 4 rollouts of the query with no correct answer
+    s_mask = np.asarray(batch.student.loss_mask)
+    t_mask = np.asarray(batch.teacher_loss_mask)
+    for b, row in enumerate(col.rows):
+        trained = row.query_index != 1
+        assert (s_mask[b].sum() > 0) == trained and s_mask[b].sum() == t_mask[b].sum()
+        if trained:  # the teacher sees the group's first correct solution before the response
+            teacher = policy.tokenizer.decode(np.asarray(batch.teacher_tokens[b]),
+                                              skip_special_tokens=True)
+            assert "A correct solution:" in teacher
+            assert problems[row.query_index].solution.splitlines()[0] in teacher
+            t_resp = np.asarray(batch.teacher_tokens[b])[t_mask[b] > 0]
+            s_resp = np.asarray(batch.student.tokens[b])[s_mask[b] > 0]
+            np.testing.assert_array_equal(t_resp, s_resp)
+
+    tx = make_optimizer(*optim_config_for(cfg, "opsd"))
+    state, _ = train_state_from_params(policy.params, tx, policy.mesh)
+    before = jax.tree.map(np.asarray, jax.device_get(state.params))
+    fns = rl_loop.build_device_fns(cfg, policy.graphdef, policy.mesh)
+    state, metrics, _ = rl_loop.rl_iteration(
+        cfg, ctx, state=state, ref_params=rl_loop.copy_params(state.params), step=0,
+        records=[p.record() for p in problems], more_records=lambda: [], fns=fns,
+        sampler_params=state.params)
+    assert metrics["opsd_tokens"] == s_mask.sum() > 0
+    assert np.isfinite(metrics["opsd_loss"]) and metrics["opsd_loss"] > 0
+    after = jax.tree.map(np.asarray, jax.device_get(state.params))
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(before),
+                                                       jax.tree.leaves(after)))
+
+
+@pytest.mark.parametrize("overlong_filter", [False, True])
+def test_overlong_filter_masks_truncated_rollouts(overlong_filter):
+    from tapo_jax.train import rl_loop, rollout
+
+    cfg = load_config("configs/demo.yaml", TINY + [
+        "rl.algorithm=grpo", "rl.num_samples=4", "train.batch_size=2",
+        f"rl.overlong_filter={str(overlong_filter).lower()}",
+        "sampling.max_new_tokens=48", "sampling.max_prompt_len=32"])
+    policy, problems, sample, ctx, encode = _scripted_context(cfg, [2, 1], cut_last=True)
+    col = rollout.collect([p.record() for p in problems], cfg=policy.cfg,
+                          tokenizer=policy.tokenizer, step=0, sample=sample, score=ctx.score,
+                          encode=encode)
+    assert col.truncated.tolist() == [False, False, False, True] * 2
+    batch, _ = rl_loop.assemble_batch(col, policy.cfg, policy.mesh,
+                                      policy.tokenizer.pad_token_id)
+    trained = np.asarray(batch.loss_mask).sum(1)[: len(col.rows)] > 0
+    assert trained.tolist() == [True, True, True, not overlong_filter] * 2
