@@ -25,10 +25,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_for(args: argparse.Namespace):
+    """``--config`` with the overrides; without it, the config a checkpoint's run directory
+    recorded (``DIR/config.yaml``, also for ``DIR/checkpoints``), else the defaults."""
+    path = args.config
+    if path is None and args.checkpoint:
+        from pathlib import Path
+
+        ckpt = Path(args.checkpoint)
+        for run_dir in (ckpt, ckpt.parent):
+            if (run_dir / "config.yaml").is_file():
+                path = str(run_dir / "config.yaml")
+                break
+    return load_config(path, args.overrides)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tapo_jax.train.run import run_evaluation
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config_for(args)
     run_evaluation(cfg, checkpoint=args.checkpoint, out_dir=args.out)
     return 0
 
@@ -36,7 +51,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from tapo_jax.train.run import run_sample
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config_for(args)
     run_sample(cfg, prompts=args.prompt, n=args.n, checkpoint=args.checkpoint)
     return 0
 
@@ -80,7 +95,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_filter(args: argparse.Namespace) -> int:
     from tapo_jax.train.run import run_filter
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config_for(args)
     run_filter(cfg, out_path=args.out, n=args.n, lo=args.lo, hi=args.hi, checkpoint=args.checkpoint)
     return 0
 

@@ -95,3 +95,26 @@ def test_presets_and_explicit_keys(write):
     # A dimension override keeps the rest of the preset.
     cfg = load_config(write("model:\n  preset: tiny-untied\n"), ["model.num_layers=3"])
     assert cfg.model.num_layers == 3 and cfg.model.head_dim == 24 and cfg.model.rope_theta == 5e6
+
+
+def test_cli_takes_the_config_a_run_directory_recorded(tmp_path):
+    """eval / sample / filter without --config use DIR/config.yaml of the checkpoint's run."""
+    import argparse
+
+    import yaml
+
+    from tapo_jax.cli import _config_for
+    from tapo_jax.config import load_config, to_dict
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = load_config("configs/demo.yaml", ["model.num_layers=1", "rl.num_samples=4",
+                                            "rl.n_neg=2"])
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    for ckpt in (run, run / "checkpoints"):
+        got = _config_for(argparse.Namespace(config=None, checkpoint=str(ckpt),
+                                             overrides=["eval.runs=1"]))
+        assert got.model.num_layers == 1 and got.rl.num_samples == 4 and got.eval.runs == 1
+    explicit = _config_for(argparse.Namespace(config="configs/demo.yaml", checkpoint=str(run),
+                                              overrides=[]))
+    assert explicit.model.num_layers != 1

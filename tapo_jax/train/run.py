@@ -431,7 +431,10 @@ def run_evaluation(cfg: Config, *, checkpoint: Optional[str] = None,
         records = records[: cfg.eval.num_problems]
     out = Path(out_dir or Path(cfg.train.output_dir) / "eval")
     result = _evaluate(policy, params, cfg, records, out, "eval")
-    print((out / "eval.md").read_text())
+    from tapo_jax.train.distributed import is_main_process
+
+    if is_main_process():
+        print((out / "eval.md").read_text())
     return result
 
 
