@@ -125,6 +125,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     for key in ("loss", "accuracy", "grad_norm", "kl", "learning_rate", "response_length_mean",
                 "tokens/sampled"):
         assert a[key] == b[key], key
+    # the checkpoint holds the run's PRNG key: resuming under another seed is refused
+    with pytest.raises(ConfigError, match="train.seed"):
+        _run(tmp_path, "resumed", "train.steps=4", "train.resume=true", "train.seed=1")
 
 
 def test_fresh_run_refuses_an_earlier_runs_directory(tmp_path):

@@ -206,10 +206,8 @@ def run_training(cfg: Config) -> dict:
 
         abstract = abstract_train_state(cfg.model, tx, policy.mesh)[1]
         restored = manager.restore(abstract, resume_step)
-        if restored.rng is not None and not np.array_equal(
-                np.asarray(jax.random.key_data(restored.rng) if jax.dtypes.issubdtype(
-                    restored.rng.dtype, jax.dtypes.prng_key) else restored.rng),
-                np.asarray(run_key)):
+        if restored.rng is not None and not np.array_equal(_key_bits(restored.rng),
+                                                           _key_bits(run_key)):
             raise ConfigError(f"train.seed = {cfg.train.seed} differs from the seed of the run "
                               f"checkpointed in {manager.directory}; a resumed run must keep it")
         state = restored.state
@@ -294,9 +292,18 @@ def run_training(cfg: Config) -> dict:
     return summary
 
 
+def _key_bits(key: Any) -> np.ndarray:
+    """The uint32 words of a PRNG key, typed or raw."""
+    import jax
+
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key)
+
+
 # What an earlier run leaves in its directory (all of it is replaced by train.overwrite=true).
 _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "examples.jsonl", "cold_start", "eval",
-                "hf", "hf_cold_start", "training_dynamics.png", "summary.md")
+                "hf", "hf_cold_start", "training_dynamics.png", "summary.md", "summary.json")
 
 
 def _prepare_run_dir(cfg: Config, out: Path) -> None:
