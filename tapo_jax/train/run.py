@@ -54,7 +54,9 @@ class Policy:
                               chat=self.cfg.data.chat_template)
 
     # sampling --------------------------------------------------------------------------------
-    def sampler(self) -> Any:
+    def sampler(self, params: Any = None) -> Any:
+        """The run's sampler, created on first use with ``params`` (default: the initial
+        params, while the Policy still holds them)."""
         if self._sampler is None:
             from tapo_jax.sampling import Sampler
 
@@ -64,7 +66,11 @@ class Policy:
             budget = s.construction_max_new_tokens or 2 * s.max_new_tokens
             if self.cfg.rl.algorithm == "tapo":
                 max_len = max(max_len, cons + budget)
-            self._sampler = Sampler(self.graphdef, self.params, mesh=self.mesh,
+            params = self.params if params is None else params
+            if params is None:
+                raise ValueError("Policy.sampler: the initial params were handed to the "
+                                 "trainer; pass the params to sample with")
+            self._sampler = Sampler(self.graphdef, params, mesh=self.mesh,
                                     num_slots=s.num_slots, max_len=max_len,
                                     prefill_buckets=s.prefill_buckets or None)
         return self._sampler
@@ -75,8 +81,10 @@ class Policy:
         from tapo_jax.train.rollout import Completion
 
         s = self.cfg.sampling
-        sampler = self.sampler()
-        sampler.update_params(params)
+        created = self._sampler is None
+        sampler = self.sampler(params)
+        if not created:
+            sampler.update_params(params)
         temp = s.temperature if temperature is None else temperature
         tp = s.top_p if top_p is None else top_p
 
@@ -217,12 +225,15 @@ def run_training(cfg: Config) -> dict:
         log.info("resumed from step %d", resume_step)
         start = resume_step
     else:
-        params = policy.params
+        # The run takes over the initial weights: each state below donates the buffers of the
+        # one before, so no stale copy (nor the cold start's optimizer moments) stays alive.
+        params, policy.params = policy.params, None
         if cfg.cold_start.enabled and cfg.cold_start.steps > 0:
             from tapo_jax.train.cold_start import run_cold_start
 
             sft_tx = make_optimizer(*optim_config_for(cfg, "sft"))
-            sft_state, _ = train_state_from_params(params, sft_tx, policy.mesh)
+            sft_state, _ = train_state_from_params(params, sft_tx, policy.mesh, donate=True)
+            del params
             problems = []
             if cfg.data.kind == "arithmetic":
                 from tapo_jax.data.arithmetic import make_splits
@@ -234,9 +245,11 @@ def run_training(cfg: Config) -> dict:
                     tokenizer=policy.tokenizer, problems=problems, log_fn=cs_writer.write,
                     progress=cfg.train.progress)
             params = sft_state.params
+            del sft_state
             summary["cold_start"] = cs_summary
             _export(policy, params, out / "hf_cold_start", cfg)
-        state, _ = train_state_from_params(params, tx, policy.mesh)
+        state, _ = train_state_from_params(params, tx, policy.mesh, donate=True)
+        del params
         ref_params = rl_loop.copy_params(state.params)
         start = 0
         if cfg.eval.before_and_after and eval_records:
