@@ -30,13 +30,6 @@ NEG_INF = -jnp.inf
 _BISECT_STEPS = 31  # covers every non-negative float32 bit pattern
 
 
-def sampled_logprob(logits: jax.Array, tokens: jax.Array, temperature: jax.Array) -> jax.Array:
-    """log_softmax(logits / T)[token] per row (T = 0 -> T = 1). logits f32[S, V], tokens i32[S]."""
-    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-
-
 def filter_candidates(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
                       k_bound: int) -> tuple[jax.Array, jax.Array]:
     """Candidate logits and vocabulary ids after top-k, top-p and min-p.
@@ -181,5 +174,5 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         jnp.any(greedy_rows),
         lambda: jnp.where(greedy_rows, jnp.argmax(logits, axis=-1), sampled),
         lambda: sampled).astype(jnp.int32)
-    # = sampled_logprob(logits, tokens, temperature), sharing the log-softmax computed above
+    # log_softmax(logits / T)[token] (T = 0 -> 1): the log-softmax the draw used
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

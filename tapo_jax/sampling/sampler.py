@@ -3,9 +3,9 @@
 Many prompts x n samples flow through a fixed number of decode slots: free slots are refilled
 (batched prefill + bulk insert) as soon as sequences end, and the engine decodes ``chunk`` tokens
 per call inside one jitted loop, reading only the cache slots the longest live sequence can
-reach (a power-of-two bucket, while that skips at least half of the cache). Each request (prompt i, sample j) draws with the key
-``fold_in(fold_in(key(seed), i), j)``, so results do not depend on the slot count or on the
-scheduling order. The stop token is part of the completion and its log-prob is returned.
+reach (a power-of-two bucket, while that skips at least half of the cache). Each request
+(prompt i, sample j) draws with the key ``fold_in(fold_in(key(seed), i), j)``, so results do
+not depend on the slot count or on the scheduling order. The stop token is part of the completion and its log-prob is returned.
 """
 
 from __future__ import annotations

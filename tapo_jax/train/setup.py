@@ -42,25 +42,24 @@ def check_vocab(cfg: Config, tokenizer: Any) -> None:
             f"{cfg.model.vocab_size}; raise model.vocab_size or use a matching tokenizer")
 
 
+def _vocab_id(tokenizer: Any, token: str) -> Optional[int]:
+    """The id of ``token`` when the vocabulary has it (not mapped to unk), else None."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    return i if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id else None
+
+
 def stop_ids(tokenizer: Any) -> tuple[int, ...]:
     """End-of-turn and end-of-text ids (a response stops at either)."""
-    ids = []
-    for t in ("<|im_end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id:
-            ids.append(i)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(sorted(set(ids)))
+    ids = [_vocab_id(tokenizer, t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids.append(tokenizer.eos_token_id)
+    return tuple(sorted({i for i in ids if i is not None}))
 
 
 def end_of_turn_id(tokenizer: Any) -> Optional[int]:
     """The token a finished response ends with: ``<|im_end|>`` when the vocabulary has it (the
     chat models' end of turn, where sampled responses stop), else the eos token, else None."""
-    i = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id:
-        return i
-    return tokenizer.eos_token_id
+    i = _vocab_id(tokenizer, "<|im_end|>")
+    return i if i is not None else tokenizer.eos_token_id
 
 
 def build_model(cfg: Config, mesh: Any, rules: Any) -> tuple[Any, Config]:
