@@ -51,6 +51,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation / compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the weights
     init_std: float = 0.02
+    # Memory and compile time at scale (docs/design.md, "Model and memory")
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = "auto"
+    attention_block: int = 512  # query / key block of the blockwise implementation
+    remat: Literal["none", "full", "dots"] = "none"  # per-layer rematerialisation policy
+    scan_layers: bool = False  # layer params stacked [L, ...] and run by one lax.scan
 
     @property
     def resolved_head_dim(self) -> int:
@@ -423,6 +428,8 @@ def validate_model(m: ModelConfig, source: str = "<model>") -> None:
     )
     _require(m.rope_theta > 0, source, "model.rope_theta", "must be positive")
     _require(m.rms_norm_eps > 0, source, "model.rms_norm_eps", "must be positive")
+    _require(m.attention_block >= 8 and m.attention_block % 8 == 0, source,
+             "model.attention_block", f"must be a positive multiple of 8, got {m.attention_block}")
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:

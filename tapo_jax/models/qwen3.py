@@ -29,8 +29,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tapo_jax.config import ModelConfig
+from tapo_jax.models.attention import MASK_VALUE, dot_product_attention
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+REMAT_POLICIES = {  # model.remat -> what a layer keeps for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # + weight matmul outputs
+}
 
 
 @flax.struct.dataclass
@@ -126,9 +130,14 @@ class Attention(nnx.Module):
         self.o_proj = Linear((d, n, h), ("embed", "q_heads", "head_dim"), cfg, rngs)
         self.q_norm = RMSNorm(h, cfg)
         self.k_norm = RMSNorm(h, cfg)
+        self.impl, self.block = cfg.attention, cfg.attention_block
 
-    def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None):
-        """x [B, T, D]; mask bool[B, T, S]; cache: this layer's (k [B, K, H, S_cache],
+    def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None,
+                 segment_ids=None, packed=False):
+        """x [B, T, D]. Without a cache: causal attention under ``segment_ids`` int32[B, T]
+        (:mod:`tapo_jax.models.attention`, implementation ``cfg.attention``; ``mask`` unused;
+        ``packed``: rows may hold several sequences).
+        With a cache: mask bool[B, T, S]; cache is this layer's (k [B, K, H, S_cache],
         v [B, K, S_cache, H]), written at slot slots[b, t]; only its first ``attend_len`` slots
         (S) are read.
         Returns ([B, T, D], cache)."""
@@ -150,7 +159,10 @@ class Attention(nnx.Module):
             k_axes, v_axes = "BKHS", "BKSH"
         b, t, n, h = q.shape
         kv_heads = v.shape[v_axes.index("K")]
-        if t == 1 and cache is not None:
+        if cache is None:
+            out = dot_product_attention(q, k, v, segment_ids, implementation=self.impl,
+                                        block_size=self.block, packed=packed)
+        elif t == 1:
             # one decode token: plain batched mat-vecs over (B, K), half the cache traffic of
             # the general contraction below on XLA:CPU (decode attention is bandwidth-bound)
             qg = q.reshape(b, kv_heads, n // kv_heads, h)
@@ -158,7 +170,7 @@ class Attention(nnx.Module):
             logits = jnp.where(mask[:, 0, None, None], logits * h**-0.5, MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(dt)
             out = jnp.einsum("BKGS,BKSH->BKGH", probs, v).reshape(b, t, n, h)
-        else:
+        else:  # prefill into the cache
             qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
             logits = jnp.einsum(f"BTKGH,{k_axes}->BKGTS", qg, k,
                                 preferred_element_type=jnp.float32)
@@ -194,9 +206,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None):
+    def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None,
+                 segment_ids=None, packed=False):
         h, cache = self.self_attn(self.input_layernorm(x), sin, cos, mask, cache, slots,
-                                  attend_len)
+                                  attend_len, segment_ids, packed)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -214,8 +227,28 @@ class Backbone(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg, rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)]
+        # scan_layers: one DecoderLayer whose params carry a leading "layers" axis [L, ...]
+        self.layers = _stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg)
+
+
+def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """The layers' params stacked on a new leading axis, named ``layers`` in their metadata."""
+    graphdef, _ = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.split(m)[1] for m in layers))
+
+    def name_axis(v: nnx.Variable) -> nnx.Variable:
+        axes = tuple(v.get_metadata().get("out_sharding") or (None,) * (v[...].ndim - 1))
+        return v.replace(v[...], out_sharding=("layers",) + axes)
+
+    stacked = jax.tree.map(name_axis, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
+
+
+def _layer_at(stacked: DecoderLayer, i: int) -> DecoderLayer:
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,13 +272,19 @@ class Qwen3(nnx.Module):
         head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
         return jnp.einsum("...D,VD->...V", hidden.astype(dt), head.weight[...].astype(dt))
 
-    def __call__(self, tokens, positions=None, attention_mask=None, *, cache=None,
-                 cache_index=None, attend_len=None, return_hidden=False,
+    def __call__(self, tokens, positions=None, attention_mask=None, *, segment_ids=None,
+                 cache=None, cache_index=None, attend_len=None, return_hidden=False,
                  output_hidden_states=False):
         """tokens int32[B, T]; positions int32[B, T] (default arange(T), or with a mask
-        cumsum(attention_mask) - 1 clipped at 0); attention_mask [B, T] (1 = real token).
+        cumsum(attention_mask) - 1 clipped at 0, or with segment ids the index within each
+        segment); attention_mask [B, T] (1 = real token).
 
         Without a cache: causal attention within the sequence, keys with mask 0 ignored.
+        ``segment_ids`` int32[B, T] packs several sequences in a row: a token attends only to
+        earlier tokens with the same id (0 = padding, as attention_mask 0). The attention
+        implementation, rematerialisation and layer scan follow ``cfg.attention``,
+        ``cfg.remat`` and ``cfg.scan_layers``.
+
         With a cache: row b's new keys go to slots cache_index[b] + t (writes past S are
         dropped), their ``pos`` is positions[b, t] (-1 where masked), and query (b, t) attends to
         every slot j with 0 <= pos[b, j] <= positions[b, t]. ``attend_len`` (static) reads only
@@ -262,46 +301,103 @@ class Qwen3(nnx.Module):
         b, t = tokens.shape
         mask = (jnp.ones((b, t), bool) if attention_mask is None
                 else jnp.asarray(attention_mask).astype(bool))
+        packed = segment_ids is not None
+        if packed:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for the forward without a cache")
+            segment_ids = jnp.where(mask, jnp.asarray(segment_ids, jnp.int32), 0)
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if positions is None:
             if attention_mask is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             else:
                 positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
         positions = jnp.asarray(positions, jnp.int32)
-
-        # Attention mask [B, T, S] and cache slots.
-        slots, layer_kv = None, [None] * cfg.num_layers
-        if cache is None:
-            causal = jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]
-            attn_mask = causal & mask[:, None, :]
-        else:
-            start = jnp.zeros((b,), jnp.int32) if cache_index is None else cache_index
-            slots = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
-            rows = jnp.arange(b)[:, None]
-            new_pos = cache.pos.at[rows, slots].set(jnp.where(mask, positions, -1), mode="drop")
-            if attend_len is not None and not 0 < attend_len <= new_pos.shape[1]:
-                raise ValueError(f"attend_len {attend_len} outside [1, {new_pos.shape[1]}]")
-            kpos = new_pos[:, None, :attend_len]
-            attn_mask = (kpos >= 0) & (kpos <= positions[:, :, None])
-            layer_kv = list(zip(cache.k, cache.v))
-
         sin, cos = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_theta)
         x = jnp.take(self.model.embed_tokens.weight[...], tokens, axis=0).astype(dt)
-        hidden_states = [x]
-        for i, layer in enumerate(self.model.layers):
-            x, layer_kv[i] = layer(x, sin, cos, attn_mask, layer_kv[i], slots, attend_len)
-            hidden_states.append(x)
+
+        if cache is None:
+            if not packed:
+                segment_ids = mask.astype(jnp.int32)
+            x, hidden_states = self._layers(x, sin, cos, segment_ids, packed,
+                                            output_hidden_states)
+            new_cache = None
+        else:
+            x, hidden_states, new_cache = self._layers_cached(
+                x, sin, cos, mask, positions, cache, cache_index, attend_len)
         x = self.model.norm(x)
-        hidden_states[-1] = x
+        hidden_states = hidden_states[:-1] + [x]
 
         out = x if return_hidden else self.logits_from_hidden(x)
         result: tuple = (out,)
-        if cache is not None:
-            result += (KVCache(k=tuple(k for k, _ in layer_kv), v=tuple(v for _, v in layer_kv),
-                               pos=new_pos),)
+        if new_cache is not None:
+            result += (new_cache,)
         if output_hidden_states:
             result += (tuple(hidden_states),)
         return result[0] if len(result) == 1 else result
+
+    def _layers(self, x, sin, cos, segment_ids, packed, keep_hidden):
+        """The decoder layers without a cache (unrolled or scanned, each rematerialised by
+        ``cfg.remat``). Returns the last layer's output and the list of L + 1 hidden states
+        (when ``keep_hidden``; else [x] only)."""
+        cfg = self.cfg
+
+        def run(graphdef, state, x):
+            layer = nnx.merge(graphdef, state)
+            return layer(x, sin, cos, None, segment_ids=segment_ids, packed=packed)[0]
+
+        if cfg.remat != "none":
+            run = jax.checkpoint(run, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
+                                 prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.model.layers)
+
+            def body(h, state):
+                h = run(graphdef, state, h)
+                return h, (h if keep_hidden else None)
+
+            y, hs = jax.lax.scan(body, x, stacked)
+            hidden = [x] + (list(hs) if keep_hidden else [y])
+            return y, hidden
+        hidden = [x]
+        for layer in self.model.layers:
+            graphdef, state = nnx.split(layer)
+            x = run(graphdef, state, x)
+            hidden.append(x)
+        return x, hidden
+
+    def _layers_cached(self, x, sin, cos, mask, positions, cache, cache_index, attend_len):
+        """The decoder layers reading and writing a KV cache (prefill and decode)."""
+        cfg = self.cfg
+        b, t = mask.shape
+        start = jnp.zeros((b,), jnp.int32) if cache_index is None else cache_index
+        slots = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
+        rows = jnp.arange(b)[:, None]
+        new_pos = cache.pos.at[rows, slots].set(jnp.where(mask, positions, -1), mode="drop")
+        if attend_len is not None and not 0 < attend_len <= new_pos.shape[1]:
+            raise ValueError(f"attend_len {attend_len} outside [1, {new_pos.shape[1]}]")
+        kpos = new_pos[:, None, :attend_len]
+        attn_mask = (kpos >= 0) & (kpos <= positions[:, :, None])
+        layer_kv = list(zip(cache.k, cache.v))
+        hidden = [x]
+        for i in range(cfg.num_layers):
+            layer = (_layer_at(self.model.layers, i) if cfg.scan_layers
+                     else self.model.layers[i])
+            x, layer_kv[i] = layer(x, sin, cos, attn_mask, layer_kv[i], slots, attend_len)
+            hidden.append(x)
+        new_cache = KVCache(k=tuple(k for k, _ in layer_kv), v=tuple(v for _, v in layer_kv),
+                            pos=new_pos)
+        return x, hidden, new_cache
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int32[B, T] index of each token within its segment (a run of equal ids)."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def apply(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs):

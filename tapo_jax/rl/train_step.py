@@ -98,15 +98,21 @@ def _shift_right(x: jax.Array) -> jax.Array:
 def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
                    positions: jax.Array, attention_mask: jax.Array, *,
                    chunk_size: int = DEFAULT_VOCAB_CHUNK, temperature: float = 1.0,
-                   mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+                   mesh: Mesh | None = None, segment_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log p(tokens[:, t] | tokens[:, :t]) and the entropy of that distribution,
     float32[B, T] each (column 0 is 0). Differentiable in ``params``; chunked over V.
+
+    ``segment_ids`` int32[B, T] (packed rows, 0 = padding): tokens attend only within their
+    segment; ``positions`` must then restart per segment. The value at the first token of a
+    segment predicts it from the previous segment's last hidden state: mask it out.
 
     With ``mesh``, the hidden states keep their batch sharding and the lm head is gathered over
     the model dim (its vocabulary dim stays split over ``tensor``), as FSDP does for every weight.
     """
     model = nnx.merge(graphdef, params)
-    hidden = model(tokens, positions, attention_mask, return_hidden=True)  # [B, T, D]
+    hidden = model(tokens, positions, attention_mask, segment_ids=segment_ids,
+                   return_hidden=True)  # [B, T, D]
     weight = _head_weight(model).astype(hidden.dtype)
     if mesh is not None:
         hidden = jax.lax.with_sharding_constraint(
