@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -163,6 +164,20 @@ def _flat_params(state: Any) -> dict[str, Any]:
     return out
 
 
+def _split_layers(name: str, shape: tuple[int, ...], cfg: ModelConfig
+                  ) -> list[tuple[str, Optional[int], tuple[int, ...]]]:
+    """(HF name, layer index or None, our per-tensor shape) of each HF tensor behind our param
+    ``name``: one, or with ``cfg.scan_layers`` one per layer of a stacked ``model.layers.*``."""
+    prefix = "model.layers."
+    if not (cfg.scan_layers and name.startswith(prefix)):
+        return [(name, None, shape)]
+    rest = name[len(prefix):]
+    return [(f"{prefix}{i}.{rest}", i, shape[1:]) for i in range(shape[0])]
+
+
+RUNTIME_FIELDS = ("attention", "attention_block", "remat", "scan_layers")
+
+
 class _SafetensorsDir:
     """Memory-mapped tensors of an HF directory (one file, or several with an index)."""
 
@@ -210,12 +225,18 @@ class _SafetensorsDir:
 
 
 def load_hf(path: str | Path, *, dtype: str = "float32", param_dtype: Optional[str] = None,
-            mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Rules] = None) -> Qwen3:
+            mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Rules] = None,
+            **runtime: Any) -> Qwen3:
     """Load a local HF Qwen3 directory into a :class:`Qwen3` whose params are placed on ``mesh``
     by ``rules`` (default TRAIN_RULES), or on the default device without a mesh.
 
-    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``).
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``);
+    ``runtime`` sets the :class:`ModelConfig` fields config.json does not hold (``attention``,
+    ``attention_block``, ``remat``, ``scan_layers``).
     """
+    bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
+    if bad:
+        raise CheckpointError(f"load_hf: unknown options {bad}; known: {list(RUNTIME_FIELDS)}")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -223,15 +244,18 @@ def load_hf(path: str | Path, *, dtype: str = "float32", param_dtype: Optional[s
     for field, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         if value not in _DTYPES:
             raise CheckpointError(f"load_hf: {field} = {value!r} is not one of {list(_DTYPES)}")
-    cfg = dataclasses.replace(config_from_hf(path), dtype=dtype, param_dtype=param_dtype)
+    cfg = dataclasses.replace(config_from_hf(path), dtype=dtype, param_dtype=param_dtype,
+                              **runtime)
     abstract = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     wanted = _flat_params(state)
     files = _SafetensorsDir(path)
+    hf_names = {n for name, var in wanted.items()
+                for n, _, _ in _split_layers(name, tuple(var.value.shape), cfg)}
 
-    missing = sorted(set(wanted) - set(files.entries))
+    missing = sorted(hf_names - set(files.entries))
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(set(files.entries) - set(wanted) - ignorable)
+    unexpected = sorted(set(files.entries) - hf_names - ignorable)
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing}")
     if unexpected:
@@ -242,17 +266,25 @@ def load_hf(path: str | Path, *, dtype: str = "float32", param_dtype: Optional[s
     device = jax.local_devices()[0]
     for name, var in wanted.items():
         shape = tuple(var.value.shape)
-        fname, info = files.entries[name]
-        if tuple(info["shape"]) != _hf_shape(name, shape):
-            raise CheckpointError(f"{path / fname}: tensor '{name}' has shape {info['shape']}, "
-                                  f"config.json implies {list(_hf_shape(name, shape))}")
-        view = files.array(name).reshape(shape)
+        views = []
+        for hf_name, _, part_shape in _split_layers(name, shape, cfg):
+            fname, info = files.entries[hf_name]
+            if tuple(info["shape"]) != _hf_shape(hf_name, part_shape):
+                raise CheckpointError(
+                    f"{path / fname}: tensor '{hf_name}' has shape {info['shape']}, "
+                    f"config.json implies {list(_hf_shape(hf_name, part_shape))}")
+            views.append(files.array(hf_name).reshape(part_shape))
         sharding = (variable_sharding(var, mesh, rules or TRAIN_RULES) if mesh is not None
                     else jax.sharding.SingleDeviceSharding(device))
-        # Each device reads only its slice of the mapping, copied so no buffer aliases the file.
-        value = jax.make_array_from_callback(
-            shape, sharding, lambda idx, view=view: np.array(view[idx], dtype=target))
-        var.set_value(value)
+        # Each device reads only its slice of the mapping, copied so no buffer aliases the file;
+        # a stacked [L, ...] param reads its layers' tensors (the layer axis is never sharded).
+        if len(views) == 1 and shape == views[0].shape:
+            read = lambda idx, view=views[0]: np.array(view[idx], dtype=target)  # noqa: E731
+        else:
+            def read(idx, views=views):
+                return np.stack([np.asarray(views[i][idx[1:]], dtype=target)
+                                 for i in range(len(views))[idx[0]]])
+        var.set_value(jax.make_array_from_callback(shape, sharding, read))
     return nnx.merge(graphdef, state)
 
 
@@ -261,7 +293,13 @@ def load_hf(path: str | Path, *, dtype: str = "float32", param_dtype: Optional[s
 # ----------------------------------------------------------------------------------------------
 
 
+def _layer_slice(stacked: Any, layer: int) -> Any:
+    return stacked[layer]
+
+
 def _to_host(value: Any) -> np.ndarray:
+    if callable(value):  # a deferred slice of a stacked param: fetched one layer at a time
+        value = value()
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -324,7 +362,12 @@ def export_state_to_hf(cfg_or_graphdef: Any, params_state: Any, path: str | Path
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     dt = _DTYPES[dtype]
-    entries = [(n, flat[n], _hf_shape(n, tuple(flat[n].shape)), dt) for n in sorted(flat)]
+    entries = []
+    for n in sorted(flat):
+        for hf_name, layer, shape in _split_layers(n, tuple(flat[n].shape), cfg):
+            value = flat[n] if layer is None else functools.partial(_layer_slice, flat[n], layer)
+            entries.append((hf_name, value, _hf_shape(hf_name, shape), dt))
+    entries.sort(key=lambda e: e[0])
     shards: list[list] = [[]]
     size = 0
     for entry in entries:

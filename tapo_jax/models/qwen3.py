@@ -21,6 +21,7 @@ value, so a fully masked query row gives finite (uniform) attention instead of N
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -403,3 +404,38 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 def apply(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs):
     """Functional call: ``nnx.merge(graphdef, state)(*args, **kwargs)`` (use inside jit)."""
     return nnx.merge(graphdef, state)(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer view of scanned params (the decode engine's layout)
+# ----------------------------------------------------------------------------------------------
+
+
+def unstacked_graphdef(graphdef: nnx.GraphDef, cfg: ModelConfig) -> nnx.GraphDef:
+    """The graphdef of the same model with one module per layer (``scan_layers`` off)."""
+    if not cfg.scan_layers:
+        return graphdef
+    flat = dataclasses.replace(cfg, scan_layers=False)
+    return nnx.split(nnx.eval_shape(lambda: Qwen3(flat, rngs=nnx.Rngs(0))))[0]
+
+
+def unstack_layers(cfg: ModelConfig, state: nnx.State) -> nnx.State:
+    """Params of a scanned model (``model.layers.*`` stacked [L, ...]) as per-layer params
+    (``model.layers.{i}.*``) for :func:`unstacked_graphdef`; the identity without scan_layers.
+    Pure: use inside jit (the decode engine does, in the copy it makes of the weights)."""
+    if not cfg.scan_layers:
+        return state
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    target = nnx.split(nnx.eval_shape(lambda: Qwen3(flat_cfg, rngs=nnx.Rngs(0))))[1]
+    source = dict(nnx.to_flat_state(state))
+
+    def value(path):
+        if path[:2] == ("model", "layers"):
+            src, i = source[("model", "layers") + tuple(path[3:])], int(path[2])
+            return (src[...] if isinstance(src, nnx.Variable) else src)[i]
+        src = source[tuple(path)]
+        return src[...] if isinstance(src, nnx.Variable) else src
+
+    for path, var in nnx.to_flat_state(target):
+        var.set_value(value(path))
+    return target

@@ -38,6 +38,7 @@ TRAIN_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked layer axis of scan_layers: every device holds every layer
 }
 
 SAMPLE_RULES: dict[str, Any] = dict(TRAIN_RULES, embed=None)

@@ -384,6 +384,11 @@ def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, *,
         arrays = jax.device_put((batch.tokens, batch.positions, batch.attention_mask), batch_sh)
         return jitted(params, *arrays)
 
+    def lower(params: nnx.State, batch: Any) -> jax.stages.Lowered:
+        """The compiled program for (possibly abstract) params and batch, for analysis."""
+        return jitted.lower(params, batch.tokens, batch.positions, batch.attention_mask)
+
+    logprob_fn.lower = lower
     return logprob_fn
 
 

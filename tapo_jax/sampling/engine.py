@@ -20,6 +20,7 @@ length, V vocabulary, N decode steps per call.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from tapo_jax.models import sharding as sharding_lib
-from tapo_jax.models.qwen3 import KVCache, init_cache
+from tapo_jax.models.qwen3 import KVCache, init_cache, unstack_layers, unstacked_graphdef
 from tapo_jax.sampling.logits import sample_tokens, uniforms, uses_uniforms
 
 
@@ -91,8 +92,12 @@ class Engine:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *, num_slots: int,
                  max_len: int, mesh: Any = None, prefill_buckets: Optional[Sequence[int]] = None,
                  max_stop_ids: int = 8, cache_dtype: Any = None):
-        self.graphdef = graphdef
         self.cfg = nnx.merge(graphdef, params).cfg
+        # Decoding keeps one module (and one cache array) per layer even when training scans
+        # stacked layers: a decode step then reads each layer's weights in place, where slicing
+        # a stacked [L, ...] buffer per step would copy it (docs/design.md, "Model and memory").
+        self.graphdef = unstacked_graphdef(graphdef, self.cfg)
+        to_decode = functools.partial(unstack_layers, self.cfg)
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
@@ -104,11 +109,17 @@ class Engine:
         self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
         self.compile_counts: collections.Counter = collections.Counter()
         self._params_sh = sharding_lib.state_shardings(
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), self.mesh,
-            self.rules)
-        self._copy = jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p),
-                             out_shardings=self._params_sh)
-        self.params = self._copy(params)
+            jax.eval_shape(to_decode, params), self.mesh, self.rules)
+        self._copy = jax.jit(
+            lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), to_decode(p)),
+            out_shardings=self._params_sh)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            # abstract params: an engine whose programs can be lowered and analysed, not run
+            self.params = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                jax.eval_shape(to_decode, params), self._params_sh)
+        else:
+            self.params = self._copy(params)
         n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._slot_multiple = n_dp if num_slots % n_dp == 0 else 1
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("k_bound", "filtered"))

@@ -350,11 +350,11 @@ def _reference_params(cfg: Config, policy: "Policy") -> Any:
     out = Path(cfg.train.output_dir)
     hf_dir = out / "hf_cold_start"
     if hf_dir.is_dir():
-        from tapo_jax.models.hf import load_hf
+        from tapo_jax.models.hf import RUNTIME_FIELDS, load_hf
         from tapo_jax.train.state import split_params
 
         model = load_hf(hf_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        mesh=policy.mesh)
+                        mesh=policy.mesh, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
         return split_params(model)[1]
     return policy.params
 

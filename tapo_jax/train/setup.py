@@ -69,16 +69,17 @@ def build_model(cfg: Config, mesh: Any, rules: Any) -> tuple[Any, Config]:
     from tapo_jax.models import sharding
 
     if cfg.model.hf_path is not None:
-        from tapo_jax.models.hf import config_from_hf, load_hf
+        from tapo_jax.models.hf import RUNTIME_FIELDS, config_from_hf, load_hf
 
         path = Path(cfg.model.hf_path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.hf_path: no config.json in {path}")
+        runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
         model = load_hf(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        mesh=mesh, rules=rules)
+                        mesh=mesh, rules=rules, **runtime)
         resolved = dataclasses.replace(
             config_from_hf(path), hf_path=str(path), dtype=cfg.model.dtype,
-            param_dtype=cfg.model.param_dtype)
+            param_dtype=cfg.model.param_dtype, **runtime)
         return model, dataclasses.replace(cfg, model=resolved)
     model = sharding.create_sharded_model(cfg.model, mesh, rules, seed=cfg.train.seed)
     return model, cfg
