@@ -394,6 +394,18 @@ def resolve_preset(cfg: Config, source: str) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **updates))
 
 
+def sampler_max_len(cfg: Config) -> int:
+    """Cache slots per sequence of the run's sampler: prompt + response, or for TAPO the longer
+    synthesis prompt (question, wrong and right responses) plus its construction budget."""
+    s = cfg.sampling
+    max_len = s.max_prompt_len + s.max_new_tokens
+    if cfg.rl.algorithm == "tapo":
+        prompt = s.construction_max_prompt_len or (s.max_prompt_len + 2 * s.max_new_tokens + 128)
+        budget = s.construction_max_new_tokens or 2 * s.max_new_tokens
+        max_len = max(max_len, prompt + budget)
+    return max_len
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -88,16 +88,35 @@ def param_count(cfg: Config) -> int:
 
 
 def decode_memory(cfg: Config, mesh: Mesh, *, steps: int = 16) -> dict[str, Any]:
-    """Memory of the engine's decode call: ``sampling.num_slots`` slots over a cache of
-    ``max_prompt_len + max_new_tokens`` tokens, ``steps`` tokens per call, whole cache attended,
-    weights in the sampling layout (per layer, ``SAMPLE_RULES``)."""
+    """Memory of the engine's decode call: ``sampling.num_slots`` slots over the run sampler's
+    cache (:func:`tapo_jax.config.sampler_max_len`), ``steps`` tokens per call, whole cache
+    attended, weights in the sampling layout (per layer, compute dtype, ``SAMPLE_RULES``).
+
+    XLA:CPU has no bfloat16 matmul: it converts bf16 operands to float32, and hoists the
+    converted weights and cache out of the decode loop, so a bf16 program's CPU temporaries
+    include float32 copies that a TPU or GPU program does not make. ``temp_gb_native`` is
+    the temporaries of the same call compiled in float32, where nothing is converted: an upper
+    bound for the bf16 call's temporaries on hardware with bf16 matmuls."""
+    import dataclasses
+
+    stats = _decode_memory(cfg, mesh, steps)
+    if jnp.dtype(cfg.model.dtype) != jnp.float32:
+        f32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+        stats["temp_gb_native"] = _decode_memory(f32, mesh, steps)["temp_gb"]
+    else:
+        stats["temp_gb_native"] = stats["temp_gb"]
+    return stats
+
+
+def _decode_memory(cfg: Config, mesh: Mesh, steps: int) -> dict[str, Any]:
+    from tapo_jax.config import sampler_max_len
     from tapo_jax.sampling.engine import Engine
     from tapo_jax.train.state import abstract_params
 
     s = cfg.sampling
     graphdef, params = abstract_params(cfg.model)
-    engine = Engine(graphdef, params, num_slots=s.num_slots,
-                    max_len=s.max_prompt_len + s.max_new_tokens, mesh=mesh)
+    engine = Engine(graphdef, params, num_slots=s.num_slots, max_len=sampler_max_len(cfg),
+                    mesh=mesh)
     abstract = jax.eval_shape(engine.init_decode_state)
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                          abstract, engine._state_shardings(abstract))

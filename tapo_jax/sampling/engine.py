@@ -97,7 +97,7 @@ class Engine:
         # stacked layers: a decode step then reads each layer's weights in place, where slicing
         # a stacked [L, ...] buffer per step would copy it (docs/design.md, "Model and memory").
         self.graphdef = unstacked_graphdef(graphdef, self.cfg)
-        to_decode = functools.partial(unstack_layers, self.cfg)
+        to_decode = functools.partial(_decode_params, self.cfg)
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
@@ -337,6 +337,15 @@ class Engine:
     def free_slots(self, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         idx = jnp.asarray(list(slots), jnp.int32)
         return state.replace(done=state.done.at[idx].set(True))
+
+
+def _decode_params(cfg: Any, params: nnx.State) -> nnx.State:
+    """The sampling copy's layout: per-layer params, floats in the compute dtype. The model casts
+    every weight to ``cfg.dtype`` before using it, so storing them so changes no result and
+    halves the copy of float32 master weights."""
+    dt = jnp.dtype(cfg.dtype)
+    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        unstack_layers(cfg, params))
 
 
 def _single_mesh_cfg():

@@ -60,12 +60,10 @@ class Policy:
         if self._sampler is None:
             from tapo_jax.sampling import Sampler
 
+            from tapo_jax.config import sampler_max_len
+
             s = self.cfg.sampling
-            max_len = s.max_prompt_len + s.max_new_tokens
-            cons = s.construction_max_prompt_len or (s.max_prompt_len + 2 * s.max_new_tokens + 128)
-            budget = s.construction_max_new_tokens or 2 * s.max_new_tokens
-            if self.cfg.rl.algorithm == "tapo":
-                max_len = max(max_len, cons + budget)
+            max_len = sampler_max_len(self.cfg)
             params = self.params if params is None else params
             if params is None:
                 raise ValueError("Policy.sampler: the initial params were handed to the "
