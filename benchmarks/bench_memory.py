@@ -101,7 +101,9 @@ def main(argv=None) -> int:
             print(f"unknown --what {what!r}", file=sys.stderr)
             return 2
         results[what] = stats
-        worst = max(worst, stats["total_gb"])
+        native = (stats["argument_gb"] + stats["temp_gb_native"] if what == "decode"
+                  else stats["total_gb"])
+        worst = max(worst, native)
         print(json.dumps({"program": what, **shape, **common,
                           **{k: round(v, 3) if isinstance(v, float) else v
                              for k, v in stats.items()}}), flush=True)
