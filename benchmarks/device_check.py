@@ -93,7 +93,7 @@ def main() -> None:
         rewards=(np.arange(b) % 2).astype(np.float32), row_mask=np.ones(b, np.float32),
         group_ids=np.zeros(b, np.int32), advantages=r.normal(size=b).astype(np.float32),
         old_logprobs=np.full((b, t), -5.0, np.float32), ref_logprobs=np.zeros((b, t), np.float32))
-    batch = jax.device_put(batch, sh.batch_sharding(mesh))
+    batch = jax.tree.map(lambda x: jax.device_put(x, sh.batch_sharding(mesh, x.ndim)), batch)
     step = make_train_step(graphdef, cfg, mesh, kind="rl")
     t0 = time.perf_counter()
     state, m = step(state, batch)
