@@ -8,7 +8,7 @@ every algorithm and is testable without a model:
 
 - ``sample(prompt_ids, n, max_new_tokens, seed) -> list[list[Completion]]`` (per prompt, n
   completions; the RL loop binds it to :class:`tapo_jax.sampling.Sampler` with the current params);
-- ``score(texts, golds) -> (rewards, reasons)`` (default :func:`tapo_jax.rewards.math.score`).
+- ``score(texts, golds) -> (rewards, reasons)`` (default :func:`tapo_jax.rewards.verifier.score`).
 
 Constructed trajectories y_ref are trained as responses to the *original* prompt x (never to the
 synthesis prompt); their old log-probs are recomputed later by a teacher-forced forward on (x, y_ref).

@@ -171,7 +171,7 @@ def run_training(cfg: Config) -> dict:
     import jax
 
     from tapo_jax.data.datasets import DataIterator
-    from tapo_jax.rewards.math import default_verifier
+    from tapo_jax.rewards.verifier import Verifier
     from tapo_jax.train import checkpoints as ckpt_lib
     from tapo_jax.train import rl_loop
     from tapo_jax.train.distributed import is_main_process
@@ -192,7 +192,7 @@ def run_training(cfg: Config) -> dict:
         eval_records = eval_records[: cfg.eval.num_problems]
     manager = ckpt_lib.Checkpointer(out / "checkpoints", save_every=cfg.train.checkpoint_every,
                                     keep=cfg.train.keep_checkpoints)
-    verifier = default_verifier()
+    verifier = Verifier()
     summary: dict[str, Any] = {"name": cfg.name, "algorithm": cfg.rl.algorithm}
     examples_path = out / "examples.jsonl"
 
