@@ -170,7 +170,7 @@ def run_train_step(args: argparse.Namespace) -> dict:
         K=cfg.rl.num_samples, m_max=cfg.rl.m_max, vocab=cfg.model.vocab_size, seed=1)
     arrays, stats = build_batch_arrays(
         rows, num_queries=queries, pad_id=0, length_buckets=(args.length,),
-        row_buckets=(args.rows,), max_len=args.length, decoupled=cfg.rl.decoupled)
+        row_buckets=(args.rows,), max_len=args.length)
     batch = TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
     logprob_fn = make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size)
     old_lp, _ = logprob_fn(state.params, batch)

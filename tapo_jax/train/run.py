@@ -175,7 +175,7 @@ def run_training(cfg: Config) -> dict:
     from tapo_jax.train import checkpoints as ckpt_lib
     from tapo_jax.train import rl_loop
     from tapo_jax.train.distributed import is_main_process
-    from tapo_jax.train.metrics import MetricsWriter
+    from tapo_jax.train.metrics import MetricsWriter, progress_bar
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
 
     _setup_logging()
@@ -261,7 +261,8 @@ def run_training(cfg: Config) -> dict:
         score=lambda texts, golds: verifier.score(texts, golds),
         reward_stats=lambda: verifier.stats.as_dict())
 
-    bar = _bar(cfg.train.steps, start, f"{cfg.rl.algorithm}", cfg.train.progress)
+    bar = progress_bar(cfg.train.steps, initial=start, desc=cfg.rl.algorithm,
+                       enabled=cfg.train.progress)
     t_rl = time.time()
     try:  # a pending asynchronous save reaches the disk even when the loop is stopped
         for step in range(start, cfg.train.steps):
@@ -355,12 +356,6 @@ def _reference_params(cfg: Config, policy: "Policy") -> Any:
                         mesh=policy.mesh, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
         return split_params(model)[1]
     return policy.params
-
-
-def _bar(total: int, start: int, desc: str, enabled: bool):
-    from tapo_jax.train.metrics import progress_bar
-
-    return progress_bar(total, initial=start, desc=desc, enabled=enabled)
 
 
 def _export(policy: Policy, params: Any, path: Path, cfg: Config) -> None:
