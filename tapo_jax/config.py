@@ -95,7 +95,7 @@ class SamplingConfig:
 
 @dataclass
 class RLConfig:
-    """Algorithm and objective (DESIGN.md section 1). The algorithm is config, not code."""
+    """Algorithm and objective (docs/design.md, "Method"). The algorithm is config, not code."""
 
     algorithm: Literal["grpo", "tapo", "opsd"] = "tapo"
     num_samples: int = 8  # K responses per query

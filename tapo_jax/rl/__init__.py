@@ -1,5 +1,5 @@
 """RL objectives: decoupled group advantages (Eq. 4-5), OTS (Eq. 7), the TAPO loss (Eq. 2, 6, 8),
-KL estimators, entropy and OPSD. See DESIGN.md sections 1 and 3."""
+KL estimators, entropy and OPSD. See docs/design.md, "Method" and "Module contracts"."""
 
 from tapo_jax.rl.advantages import assign_group_ids, group_advantages, tapo_advantages
 from tapo_jax.rl.losses import (

@@ -1,4 +1,5 @@
-"""Cold start: supervised fine-tuning on the two data kinds trained jointly (DESIGN.md section 1).
+"""Cold start: supervised fine-tuning on the two data kinds trained jointly (docs/design.md,
+"Method").
 
 (1) ordinary (question -> solution) examples and (2) trajectory-construction examples
 (synthesis prompt -> ``<analysis>`` + ``<reconstruction>``), so the policy can follow the

@@ -203,7 +203,10 @@ def run_training(cfg: Config) -> dict:
         log.info("train.resume: no checkpoint in %s yet, starting from step 0", manager.directory)
     writer = MetricsWriter(out, config=cfg, resume_step=resume_step if resume_step else 0,
                            enabled=main, wandb_project=cfg.train.wandb_project or None)
-    run_key = jax.random.PRNGKey(cfg.train.seed)  # every random choice of the run derives from it
+    # The seed as a key, stored in checkpoints so a resume refuses another seed. The random
+    # streams (JAX keys for sampling, NumPy SeedSequence streams with per-site salts on the host)
+    # all derive from train.seed: docs/design.md, "Randomness".
+    run_key = jax.random.PRNGKey(cfg.train.seed)
     data_iter = DataIterator(train_records, cfg.train.batch_size, seed=cfg.train.seed,
                              shuffle=cfg.data.shuffle)
 
