@@ -9,6 +9,9 @@ A file may start from another: ``base: tapo.yaml`` (a path relative to the file 
 loads the base first, chains of bases included, and the file's own keys then replace the base's
 key by key (mappings merge, everything else is replaced). A cycle of bases is an error that lists
 the files in it. ``base`` is not a config field: it never appears in a loaded :class:`Config`.
+
+One file past 400 lines on purpose: the schema, its loading and its validation stay side by side,
+so a key's type, default and checks are read in one place.
 """
 
 from __future__ import annotations
