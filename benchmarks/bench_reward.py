@@ -20,7 +20,7 @@ import json
 import random
 import time
 
-from tapo_jax.rewards.math import Verifier, reason_counts
+from tapo_jax.rewards.verifier import Verifier, reason_counts
 
 
 def _int_pairs(rng: random.Random, n: int) -> list[tuple[str, str]]:

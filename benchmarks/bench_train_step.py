@@ -170,7 +170,7 @@ def run_train_step(args: argparse.Namespace) -> dict:
         K=cfg.rl.num_samples, m_max=cfg.rl.m_max, vocab=cfg.model.vocab_size, seed=1)
     arrays, stats = build_batch_arrays(
         rows, num_queries=queries, pad_id=0, length_buckets=(args.length,),
-        row_buckets=(args.rows,), max_len=args.length, decoupled=cfg.rl.decoupled)
+        row_buckets=(args.rows,), max_len=args.length)
     batch = TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
     logprob_fn = make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size)
     old_lp, _ = logprob_fn(state.params, batch)
@@ -287,7 +287,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
     import jax
 
     from tapo_jax.data.arithmetic import make_splits
-    from tapo_jax.rewards.math import default_verifier
+    from tapo_jax.rewards.verifier import Verifier
     from tapo_jax.train import rl_loop
     from tapo_jax.train.run import Policy
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
@@ -301,7 +301,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
     cfg = policy.cfg
     problems = make_splits(cfg.data, cfg.train.seed)[0]
     Q = cfg.train.batch_size
-    script = _Script(policy.tokenizer, default_verifier(), cfg.rl.num_samples, clock)
+    script = _Script(policy.tokenizer, Verifier(), cfg.rl.num_samples, clock)
     tx = make_optimizer(*optim_config_for(cfg, "rl"))
     state, _ = train_state_from_params(policy.params, tx, policy.mesh)
     ref = rl_loop.copy_params(state.params)

@@ -4,6 +4,14 @@ Every run is described by one :class:`Config` built once in ``main`` and passed 
 Configs come from YAML files plus dotted command-line overrides (``model.num_layers=2``).
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and the
 file they came from.
+
+A file may start from another: ``base: tapo.yaml`` (a path relative to the file that names it)
+loads the base first, chains of bases included, and the file's own keys then replace the base's
+key by key (mappings merge, everything else is replaced). A cycle of bases is an error that lists
+the files in it. ``base`` is not a config field: it never appears in a loaded :class:`Config`.
+
+One file past 400 lines on purpose: the schema, its loading and its validation stay side by side,
+so a key's type, default and checks are read in one place.
 """
 
 from __future__ import annotations
@@ -90,7 +98,7 @@ class SamplingConfig:
 
 @dataclass
 class RLConfig:
-    """Algorithm and objective (DESIGN.md section 1). The algorithm is config, not code."""
+    """Algorithm and objective (docs/design.md, "Method"). The algorithm is config, not code."""
 
     algorithm: Literal["grpo", "tapo", "opsd"] = "tapo"
     num_samples: int = 8  # K responses per query
@@ -339,27 +347,50 @@ def _override(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply overrides, then validate the values once (overrides may fix each other)."""
-    cfg = _override(cfg, overrides)
-    validate(cfg, "overrides " + " ".join(overrides))
-    return cfg
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: nested mappings merge key by key, any other value replaces."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of the YAML file ``p`` with its ``base:`` chain merged in (base first).
+
+    ``chain`` holds the files that named ``p`` as their base (resolved paths, outermost first).
+    """
+    if p.resolve() in chain:
+        cycle = " -> ".join(str(c) for c in (*chain[chain.index(p.resolve()):], p.resolve()))
+        raise ConfigError(f"{chain[-1]}: 'base' makes a cycle: {cycle}")
+    if not p.is_file():
+        if chain:
+            raise ConfigError(f"{chain[-1]}: 'base' names a file that does not exist: {p}")
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: 'base' must be a file name, got {base!r}")
+    return _merge(_read_yaml(p.parent / base, (*chain, p.resolve())), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate."""
+    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate.
+
+    The file's ``base:`` chain is resolved first (see the module docstring).
+    """
     source = "<defaults>"
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from e
-        cfg = from_dict(data, source)
+        source = str(path)
+        cfg = from_dict(_read_yaml(Path(path)), source)
     if overrides:  # values are checked once, after every override (they may fix each other)
         cfg = _override(cfg, overrides)
         source = f"{source} with overrides {' '.join(overrides)}"
@@ -374,24 +405,6 @@ def _apply_preset(model: ModelConfig, name: Any, source: str) -> ModelConfig:
         raise ConfigError(
             f"{source}: 'model.preset' = {name!r} is unknown; known: {sorted(PRESETS)}")
     return dataclasses.replace(model, **PRESETS[name])
-
-
-def resolve_preset(cfg: Config, source: str) -> Config:
-    """Fill model dimensions from ``model.preset`` for keys the user left at their defaults."""
-    if cfg.model.preset is None:
-        return cfg
-    from tapo_jax.models.presets import PRESETS
-
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(
-            f"{source}: 'model.preset' = {cfg.model.preset!r} is unknown; known: {sorted(PRESETS)}"
-        )
-    default = ModelConfig()
-    preset = PRESETS[cfg.model.preset]
-    updates = {
-        k: v for k, v in preset.items() if getattr(cfg.model, k) == getattr(default, k)
-    }
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **updates))
 
 
 def sampler_max_len(cfg: Config) -> int:
@@ -444,12 +457,22 @@ def validate_model(m: ModelConfig, source: str = "<model>") -> None:
              "model.attention_block", f"must be a positive multiple of 8, got {m.attention_block}")
 
 
+def validate_mesh(m: MeshConfig, source: str = "<mesh>") -> None:
+    """Axis sizes are >= 1, or -1 ('the remaining devices') for at most one axis.
+
+    The one check of a mesh's values: :func:`tapo_jax.models.sharding.make_mesh` calls it before
+    it checks the sizes against the devices it is given.
+    """
+    axes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
+    _require(sum(a == -1 for a in axes.values()) <= 1, source, "mesh",
+             f"may have at most one axis = -1, got {axes}")
+    for name, a in axes.items():
+        _require(a == -1 or a >= 1, source, f"mesh.{name}", f"must be >= 1 or -1, got {a}")
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     validate_model(cfg.model, source)
-    axes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    _require(sum(a == -1 for a in axes) <= 1, source, "mesh", "may have at most one axis = -1")
-    for name, a in zip(("data", "fsdp", "tensor"), axes):
-        _require(a == -1 or a >= 1, source, f"mesh.{name}", f"must be >= 1 or -1, got {a}")
+    validate_mesh(cfg.mesh, source)
     s = cfg.sampling
     _require(s.temperature >= 0, source, "sampling.temperature", "must be >= 0")
     _require(0 < s.top_p <= 1, source, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")

@@ -1,4 +1,5 @@
-"""Data that flows between modules (DESIGN.md section 2). Plain pytrees, static shapes.
+"""Data that flows between modules (docs/design.md, "Data flow"). Plain pytrees, static
+shapes.
 
 Per-token arrays are aligned with ``tokens``: entry ``[b, t]`` refers to *predicting* ``tokens[b, t]``
 from ``tokens[b, :t]`` (so column 0 is never a trained token and always has ``loss_mask == 0``).

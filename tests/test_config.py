@@ -1,5 +1,6 @@
 """Config loading: each class of bad value raises ConfigError naming the key and the file;
-presets fill dimensions and explicit keys override them."""
+presets fill dimensions and explicit keys override them; ``base:`` chains inherit, resolved
+relative to the naming file, and a cycle or a missing base is an error naming the files."""
 
 from __future__ import annotations
 
@@ -95,6 +96,74 @@ def test_presets_and_explicit_keys(write):
     # A dimension override keeps the rest of the preset.
     cfg = load_config(write("model:\n  preset: tiny-untied\n"), ["model.num_layers=3"])
     assert cfg.model.num_layers == 3 and cfg.model.head_dim == 24 and cfg.model.rope_theta == 5e6
+
+
+def test_base_chain_inherits_relative_to_each_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text(
+        "name: root\nrl:\n  n_pos: 1\n  n_neg: 2\ntrain:\n  steps: 7\n")
+    (tmp_path / "sub" / "mid.yaml").write_text(  # relative to sub/, not to the working directory
+        "base: ../root.yaml\nname: mid\nrl:\n  n_neg: 3\n  ots: false\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nrl: {lam: 0.5}\n")
+    cfg = load_config(tmp_path / "sub" / "leaf.yaml")
+    # Nested mappings merge key by key down the chain; the nearest file wins.
+    assert (cfg.rl.n_pos, cfg.rl.n_neg, cfg.rl.ots, cfg.rl.lam) == (1, 3, False, 0.5)
+    assert cfg.name == "mid" and cfg.train.steps == 7
+    # Overrides still apply last.
+    assert load_config(tmp_path / "sub" / "leaf.yaml", ["rl.n_neg=1"]).rl.n_neg == 1
+
+
+def test_base_values_are_validated_after_the_merge(tmp_path):
+    (tmp_path / "a.yaml").write_text("rl:\n  num_samples: 4\n  n_pos: 1\n  n_neg: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nrl:\n  n_pos: 2\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml.*rl\.n_neg"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("base: a.yaml\nrl:\n  n_poss: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*unknown key 'rl\.n_poss'"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("files, start", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: c.yaml\n", "c.yaml": "base: a.yaml\n"},
+     "a.yaml"),
+    ({"self.yaml": "base: self.yaml\nname: x\n"}, "self.yaml"),
+    ({"top.yaml": "base: a.yaml\n", "a.yaml": "base: b.yaml\n", "b.yaml": "base: ./a.yaml\n"},
+     "top.yaml"),
+])
+def test_base_cycle_is_an_error_naming_its_files(tmp_path, files, start):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match="cycle") as e:
+        load_config(tmp_path / start)
+    cycle = str(e.value).split("cycle:", 1)[1]
+    for name in files:
+        if name != "top.yaml":
+            assert name in cycle, str(e.value)
+    assert "top.yaml" not in cycle  # the file that led into the cycle is not part of it
+
+
+def test_missing_or_bad_base_names_the_file(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: nowhere.yaml\nname: child\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml.*does not exist.*nowhere\.yaml"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "num.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match=r"num\.yaml.*'base' must be a file name"):
+        load_config(tmp_path / "num.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml.*mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_mesh_is_checked_by_the_same_function_in_config_and_sharding():
+    from tapo_jax.config import MeshConfig, validate_mesh
+    from tapo_jax.models.sharding import make_mesh
+
+    bad = MeshConfig(data=-1, fsdp=-1, tensor=1)
+    with pytest.raises(ConfigError) as from_config:
+        validate_mesh(bad)
+    with pytest.raises(ConfigError) as from_sharding:
+        make_mesh(bad)
+    assert str(from_config.value) == str(from_sharding.value)
 
 
 def test_cli_takes_the_config_a_run_directory_recorded(tmp_path):

@@ -1,4 +1,5 @@
-"""Every recipe in configs/ loads and validates, and the recipes say what they claim to."""
+"""Every recipe in configs/ loads and validates, and the recipes say what they claim to: each
+baseline and ablation is a few lines on ``base: tapo.yaml`` that change only its switch."""
 
 from __future__ import annotations
 
@@ -59,10 +60,31 @@ def test_recipe_loads_and_explains_itself(path, loaded):
     assert raw["name"] == cfg.name and cfg.description
     # Unknown keys would have raised in load_config; the YAML keys are all schema keys.
     fields = {f.name for f in dataclasses.fields(cfg)}
-    assert set(raw) <= fields
+    assert set(raw) - {"base"} <= fields
     # Overrides apply on top of the file (as the header comments tell users to do).
     over = load_config(path, ["train.steps=3", "eval.runs=2"])
     assert over.train.steps == 3 and over.eval.runs == 2
+
+
+def raw_keys(data: dict, prefix: str = "") -> set[str]:
+    """Dotted keys a YAML mapping sets (nested mappings flattened)."""
+    out = set()
+    for k, v in data.items():
+        out |= raw_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+@pytest.mark.parametrize("name, switch", sorted(SWITCHES.items()))
+def test_baselines_and_ablations_are_their_switch_on_the_tapo_base(name, switch):
+    text = (CONFIGS / name).read_text()
+    raw = yaml.safe_load(text)
+    assert raw["base"] == "tapo.yaml"
+    keys = raw_keys(raw) - {"base"} - LABELS
+    allowed = set(switch) | ({"rl.opsd_beta", "rl.opsd_temperature", "rl.opsd_top_k"}
+                             if name == "opsd.yaml" else set())
+    assert set(switch) <= keys <= allowed, f"{name} sets {sorted(keys)}"
+    body = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(body) <= 10, f"{name}: {len(body)} lines of settings, expected a few"
 
 
 @pytest.mark.parametrize("name, switch", sorted(SWITCHES.items()))

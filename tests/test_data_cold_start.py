@@ -80,4 +80,4 @@ def test_sft_batch_trains_exactly_the_response_and_end_of_turn(problems, tok):
         assert prompt_text == f"<|im_start|>user\n{pair[0]}<|im_end|>\n<|im_start|>assistant\n"
         assert lm[b, :len(p_ids)].sum() == 0
     assert np.asarray(batch.row_mask).sum() == 16
-    assert len(set(np.asarray(batch.group_ids).tolist())) == 16
+    assert len(set(np.asarray(batch.query_index).tolist())) == 16

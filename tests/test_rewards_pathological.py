@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tapo_jax.rewards.math import Verifier
+from tapo_jax.rewards.verifier import Verifier
 
 DEADLINE_S = 2.0
 SLACK_S = 1.0
@@ -164,10 +164,11 @@ _EXIT_SCRIPT = textwrap.dedent(
     """
     import sys
     print("MAIN-RAN", flush=True)  # must print once: workers never re-run the main script
-    from tapo_jax.rewards.math import score, default_verifier
-    rewards, reasons = score(["\\\\boxed{\\\\sqrt{8}}"], ["2\\\\sqrt{2}"])
+    from tapo_jax.rewards.verifier import Verifier
+    verifier = Verifier()  # never closed: its workers must end with the interpreter
+    rewards, reasons = verifier.score(["\\\\boxed{\\\\sqrt{8}}"], ["2\\\\sqrt{2}"])
     assert reasons == ["correct"], reasons
-    print("PIDS", *default_verifier().pool.pids(), flush=True)
+    print("PIDS", *verifier.pool.pids(), flush=True)
     """
 )
 

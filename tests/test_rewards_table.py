@@ -9,8 +9,10 @@ import pytest
 
 from tapo_jax.rewards import extract_boxed
 from tapo_jax.rewards.extract import extract_answer
-from tapo_jax.rewards.math import Verifier
-from tapo_jax.rewards.normalize import fast_decide, normalize, too_complex
+from tapo_jax.rewards.verifier import Verifier
+from tapo_jax.rewards.normalize import (
+    as_tuple, fast_decide, is_bare_list, normalize, too_complex,
+)
 from tapo_jax.rewards.worker import Checker
 
 MATRIX = "\\begin{pmatrix} -2 \\\\ -14 \\end{pmatrix}"
@@ -56,6 +58,12 @@ TABLE = [
     ("p - q", "\\boxed{-q + p}", 1, "correct"),
     ("6+9i", "\\boxed{9i + 6}", 1, "correct"),
     ("6+9i", "\\boxed{6 - 9i}", 0, "wrong"),
+    # upright e and i (ISO style) are Euler's number and the imaginary unit
+    ("1 - \\frac{1}{\\mathrm{e}}", "\\boxed{1-\\frac{1}{e}}", 1, "correct"),
+    ("1-\\frac{1}{e}", "\\boxed{1 - \\frac{1}{\\mathrm{e}}}", 1, "correct"),
+    ("\\mathrm{e}^{2}", "\\boxed{e^2}", 1, "correct"),
+    ("1 - \\frac{1}{\\mathrm{e}}", "\\boxed{1-\\frac{1}{\\pi}}", 0, "wrong"),
+    ("1+\\mathrm{i}", "\\boxed{i+1}", 1, "correct"),
     # intervals, sets, tuples, matrices
     ("[1,3)", "\\boxed{[1, 3)}", 1, "correct"),
     ("[1,3)", "\\boxed{(1,3]}", 0, "wrong"),
@@ -215,10 +223,42 @@ def test_extract_answer_codes():
         ("\\text{(C)}", "(C)"),
         ("\\left( 3, \\frac{\\pi}{2} \\right)", "( 3, \\frac{\\pi}{2} )"),
         ("{{5}}", "5"),
+        ("1 - \\frac{1}{\\mathrm{e}}", "1 - \\frac{1}{e}"),
+        ("\\mathrm e^{x}", "e^{x}"),
+        ("\\operatorname{e}", "e"),
+        ("x + \\mathrm{ie}", "x + \\mathrm{ie}"),  # only the single letters e and i
     ],
 )
 def test_normalize(raw, expected):
     assert normalize(raw) == expected
+
+
+# (gold, response, reward with ordered_lists=False, reward with ordered_lists=True)
+LISTS = [
+    ("4, 10, -2", "\\boxed{10, 4, -2}", 1, 0),  # a bare list: a set, or a sequence
+    ("4, 10, -2", "\\boxed{4, 10, -2}", 1, 1),
+    ("4, 10, -2", "\\boxed{4,10,-2.0}", 1, 1),
+    ("4, 10, -2", "\\boxed{4, 10}", 0, 0),
+    ("\\frac{1}{2}, 3", "\\boxed{3, 0.5}", 1, 0),
+    ("\\{4, 10, -2\\}", "\\boxed{10, 4, -2}", 1, 1),  # written as a set: always a set
+    ("(4, 10, -2)", "\\boxed{(10, 4, -2)}", 0, 0),  # written as a tuple: always ordered
+    ("5", "\\boxed{5}", 1, 1),
+]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_ordered_lists_policy(ordered):
+    with Verifier(num_workers=1, timeout_s=10.0, ordered_lists=ordered) as v:
+        rewards, reasons = v.score([r[1] for r in LISTS], [r[0] for r in LISTS])
+    want = [r[3 if ordered else 2] for r in LISTS]
+    assert rewards.tolist() == want, list(zip(LISTS, reasons))
+
+
+def test_bare_list_detection():
+    assert is_bare_list("4, 10, -2") and is_bare_list("x = 1, y = 2")
+    assert not is_bare_list("(4, 10)") and not is_bare_list("\\{1, 2\\}")
+    assert not is_bare_list("[1, 3) \\cup (4, 5]") and not is_bare_list("5")
+    assert as_tuple("4, 10") == "(4, 10)" and as_tuple("(4, 10)") == "(4, 10)"
 
 
 def test_fast_decide_is_exact():

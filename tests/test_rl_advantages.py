@@ -1,4 +1,5 @@
-"""Property tests of group advantages and DAE group ids (paper Eq. 4, 5; DESIGN.md section 1)."""
+"""Property tests of group advantages and DAE group ids (paper Eq. 4, 5; docs/design.md,
+"Method")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Independent NumPy (float64) reference implementations of the RL objectives.
 
-Written from DESIGN.md section 1 and the paper's equations with explicit loops, without looking at
-the vectorised JAX code, so the tests can compare the two. Imported by test_rl_*.py; it holds no
+Written from docs/design.md ("Method") and the paper's equations with explicit loops, without
+looking at the vectorised JAX code, so the tests can compare the two. Imported by test_rl_*.py; it holds no
 tests itself.
 """
 

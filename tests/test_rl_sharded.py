@@ -18,10 +18,8 @@ from tapo_jax.rl import (
     aggregate,
     chunked_logprobs_and_entropy,
     clipped_surrogate,
-    entropy_from_logits,
     group_advantages,
     kl_divergence,
-    logprobs_and_entropy_from_logits,
     opsd_loss,
     ots_weights,
     tapo_advantages,
@@ -56,10 +54,6 @@ def everything(x):
     out["kl"] = kl_divergence(x["lp"], x["ref"])
     for mode in AGG_MODES:
         out[f"agg_{mode}"] = aggregate(out["surr"], x["loss_mask"], mode=mode)
-    out["ent_full"] = entropy_from_logits(x["logits"])
-    out["ent_chunk"] = entropy_from_logits(x["logits"], chunk_size=8)
-    out["lpe_lp"], out["lpe_h"] = logprobs_and_entropy_from_logits(x["logits"], x["tgt"], chunk_size=8)
-
     def head(h, w):
         lp, ent = chunked_logprobs_and_entropy(h, w, x["tgt"], chunk_size=8)
         return jnp.sum(lp) + 0.5 * jnp.sum(ent), (lp, ent)

@@ -1,4 +1,5 @@
-"""Training-batch assembly: masks, alignment, buckets, truncation and DAE group ids."""
+"""Training-batch assembly: masks, alignment, buckets and truncation (group ids and advantages
+are the device's to fill)."""
 
 from __future__ import annotations
 
@@ -38,21 +39,9 @@ def test_masks_exclude_prompt_and_padding_tokens():
     assert arr["tokens"][3].tolist() == [PAD] * 8 and arr["loss_mask"][3].sum() == 0
     assert arr["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0]
     assert arr["is_reflection"].tolist() == [False, False, True, False]
-    assert arr["group_ids"].tolist() == [0, 1, 2, 0]  # reflection of query 0 -> 2 + 0
-    for k in ("advantages", "old_logprobs", "ref_logprobs"):
+    assert arr["query_index"].tolist() == [0, 1, 0, 0]
+    for k in ("group_ids", "advantages", "old_logprobs", "ref_logprobs"):
         assert not arr[k].any()
-
-
-def test_group_ids_match_rl_assign_group_ids():
-    from tapo_jax.rl import assign_group_ids
-
-    spec = [(2, 2, q, refl, 0.0) for q in range(3) for refl in (False, True)]
-    for decoupled in (True, False):
-        arr, _ = build_batch_arrays(_rows(spec), num_queries=3, pad_id=PAD, decoupled=decoupled)
-        ref = np.asarray(assign_group_ids(arr["query_index"], arr["is_reflection"],
-                                          num_queries=3, decoupled=decoupled))
-        np.testing.assert_array_equal(arr["group_ids"][:6], ref[:6])
-    assert arr["group_ids"][:6].tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_truncation_is_counted_and_keeps_the_prompt():
@@ -95,7 +84,6 @@ def test_train_batch_types():
                           loss_mask="float32", query_index="int32", is_reflection="bool",
                           rewards="float32", row_mask="float32", group_ids="int32",
                           advantages="float32", old_logprobs="float32", ref_logprobs="float32")
-    assert int(batch.group_ids[0]) == 1
 
 
 @given(lens=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 12)), min_size=1, max_size=9))

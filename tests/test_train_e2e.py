@@ -148,7 +148,7 @@ def test_scripted_tapo_iteration_trains_on_parsed_constructions(tmp_path):
     import dataclasses
 
     from tapo_jax.data.datasets import encode_prompts
-    from tapo_jax.rewards.math import score
+    from tapo_jax.rewards.verifier import score
     from tapo_jax.train import rl_loop
     from tapo_jax.train.run import Policy
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
@@ -229,7 +229,7 @@ def _scripted_context(cfg, counts, *, cut_last=False):
 
     from tapo_jax.data import arithmetic as A
     from tapo_jax.data.datasets import encode_prompts
-    from tapo_jax.rewards.math import score
+    from tapo_jax.rewards.verifier import score
     from tapo_jax.train import rl_loop
     from tapo_jax.train.rollout import Completion
     from tapo_jax.train.run import Policy

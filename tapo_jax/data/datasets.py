@@ -388,13 +388,13 @@ def filter_dataset(
     ``sample_fn(prompts, n)`` gets the records' raw prompt texts (it applies the prompt and
     chat templates) and returns, per prompt, a list of ``n`` completion texts;
     ``score_fn(responses, golds) -> (rewards, reasons)`` defaults to
-    :func:`tapo_jax.rewards.math.score`.
+    :func:`tapo_jax.rewards.verifier.score`.
     Returns (kept records, pass rates float64[len(records)]).
     """
     if n < 1:
         raise DataError(f"filter_dataset: n must be >= 1, got {n}")
     if score_fn is None:
-        from tapo_jax.rewards.math import score as score_fn
+        from tapo_jax.rewards.verifier import score as score_fn
     samples = sample_fn([r.prompt for r in records], n)
     if len(samples) != len(records) or any(len(s) != n for s in samples):
         raise DataError(f"sample_fn must return {len(records)} lists of {n} completions")

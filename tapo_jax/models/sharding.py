@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from tapo_jax.config import ConfigError, MeshConfig
+from tapo_jax.config import ConfigError, MeshConfig, validate_mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -46,14 +46,10 @@ SAMPLE_RULES: dict[str, Any] = dict(TRAIN_RULES, embed=None)
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over ``devices`` (default: all); one axis may be -1."""
+    validate_mesh(cfg)
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
     free = [name for name, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
-    for name, size in sizes.items():
-        if size != -1 and size < 1:
-            raise ConfigError(f"mesh.{name} must be >= 1 or -1, got {size}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if len(devices) % fixed:

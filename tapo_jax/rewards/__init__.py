@@ -1,19 +1,12 @@
-"""Verifiable rewards. ``tapo_jax.rewards.math.score(responses, golds)`` is the math reward."""
+"""Verifiable rewards. ``Verifier().score(responses, golds)`` is the math reward (``verifier.py``)."""
 
 from tapo_jax.rewards.extract import extract_boxed
-from tapo_jax.rewards.math import (
-    Verifier,
-    VerifierStats,
-    close_default_verifier,
-    default_verifier,
-    score,
-)
+from tapo_jax.rewards.verifier import Verifier, VerifierStats, reason_counts, score
 
 __all__ = [
     "Verifier",
     "VerifierStats",
-    "close_default_verifier",
-    "default_verifier",
     "extract_boxed",
+    "reason_counts",
     "score",
 ]

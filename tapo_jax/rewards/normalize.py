@@ -1,8 +1,9 @@
 """Answer normalisation, exact fast paths and the pre-sympy complexity guard.
 
 ``normalize`` rewrites only notation that never changes a value: math delimiters, ``\\dfrac``,
-``\\left``/``\\right``, thin spaces and thousands separators between digits, degrees, percent
-and currency signs, ``\\text{}`` wrappers and trailing unit words, a trailing period.
+``\\left``/``\\right``, upright constants (``\\mathrm{e}``, ``\\mathrm{i}`` -> ``e``, ``i``), thin
+spaces and thousands separators between digits, degrees, percent and currency signs, ``\\text{}``
+wrappers and trailing unit words, a trailing period.
 
 ``fast_decide`` settles a pair in the calling process when that is exact: both integers (compared
 as Python ints, never through float), equal normalised strings, or two plain rationals
@@ -31,6 +32,9 @@ _THOUSANDS_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|,\\,)\s*(?=\d{3}(?!\d))")
 _THIN_BETWEEN_DIGITS = re.compile(r"(?<=\d)\s*(?:\\[,!;: ]|~)\s*(?=\d)")
 _THIN_SPACE = re.compile(r"\\\\|\\[,;: !]|~")  # a LaTeX line break (two backslashes) stays whole
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# Upright e / i (ISO style for Euler's number and the imaginary unit) read as the plain letters.
+_UPRIGHT_CONST = re.compile(
+    r"\\(?:mathrm|operatorname)\s*\{\s*([ei])\s*\}|\\(?:mathrm|rm)\s+([ei])(?![A-Za-z])")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right)\s*\.|\\(?:left|right)(?![A-Za-z])\s*")
 _INT = re.compile(r"[+-]?\d+")
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
@@ -74,6 +78,7 @@ def normalize(answer: str) -> str:
     s = _strip_delims(answer.strip())
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
     s = _LEFT_RIGHT.sub("", s)
+    s = _UPRIGHT_CONST.sub(lambda m: m.group(1) or m.group(2), s)
     s = _DEGREES.sub("", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
     s = _THOUSANDS_MARK.sub("", s)
@@ -90,6 +95,24 @@ def normalize(answer: str) -> str:
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     return _SPACES.sub(" ", s).strip()
+
+
+def is_bare_list(s: str) -> bool:
+    """True when a normalised answer has a comma outside every bracket (``4, 10, -2``)."""
+    depth = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            return True
+    return False
+
+
+def as_tuple(s: str) -> str:
+    """A bare comma list in parentheses (read as an ordered tuple); anything else unchanged."""
+    return f"({s})" if is_bare_list(s) else s
 
 
 def as_int(s: str) -> int | None:

@@ -6,7 +6,7 @@ mask m_b (0 for padding rows). Within a group G (its valid rows only)
     A_b = (r_b - mean_G) / (std_G + eps)                                   (Eq. 4, 5)
 
 with the population standard deviation (``std_ddof=0``, the paper; ``std_ddof=1`` is the unbiased
-variant some peers use). Conventions (DESIGN.md section 1, step 4):
+variant some peers use). Conventions (docs/design.md, "Method", step 4):
 
 - a group with exactly one valid member gets ``A = r`` ("equivalent to weighted SFT");
 - a group of two or more members whose rewards are all equal gets ``A = 0`` exactly;

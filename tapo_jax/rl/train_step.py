@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tapo_jax.config import Config
 from tapo_jax.models import sharding as sharding_lib
-from tapo_jax.rl import losses
+from tapo_jax import rl as losses  # logprobs, objective and opsd, through tapo_jax.rl
 from tapo_jax.train.state import (TrainState, abstract_params, lr_schedule, make_optimizer,
                                   optim_config_for, train_state_shardings)
 from tapo_jax.types import TrainBatch

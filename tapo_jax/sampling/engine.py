@@ -1,10 +1,10 @@
 """JetStream-style decode engine for the Flax Qwen3, in pure JAX.
 
 Interface (JetStream's, minus its TensorFlow import): ``init_decode_state()``,
-``prefill(params, padded_tokens, true_lengths, ...) -> Prefix``, ``insert(prefix, state, slots)``
-(bulk), ``generate(params, state) -> (state, ResultTokens)`` producing one token for every live
-slot, ``generate_many`` (up to N ``generate`` steps inside one jitted ``lax.while_loop``, so the
-host intervenes only every N tokens), ``free_slots`` and ``update_params``.
+``prefill(padded_tokens, true_lengths, ...) -> Prefix``, ``insert(prefix, state, slots)``
+(bulk), ``generate(state, steps=N) -> (state, ResultTokens)`` producing up to N tokens for every
+live slot inside one jitted ``lax.while_loop`` (the host intervenes only every N tokens),
+``free_slots`` and ``update_params``.
 
 Every buffer has a static shape and is donated between calls. Prefill pads prompts to a length
 bucket (powers of two, or ``prefill_buckets``) and a row bucket (powers of two up to the number
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import functools
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import flax.struct
@@ -72,14 +71,6 @@ class ResultTokens:
     logprobs: jax.Array  # float32[S, N]
     valid: jax.Array  # bool[S, N]
     lengths: jax.Array  # int32[S]  tokens generated so far per slot
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
 
 
 def _pow2_at_least(n: int) -> int:

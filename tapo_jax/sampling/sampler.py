@@ -232,7 +232,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_ne
              max_len: Optional[int] = None, mesh: Any = None,
              progress: Optional[Callable[[int, int], None]] = None) -> Rollouts:
     """One-shot convenience: sample ``n`` completions of each prompt with an NNX Qwen3 ``model``
-    (DESIGN.md section 3). For repeated calls keep a :class:`Sampler`."""
+    (docs/design.md, "Module contracts"). For repeated calls keep a :class:`Sampler`."""
     from flax import nnx
 
     graphdef, params = nnx.split(model, nnx.Param)

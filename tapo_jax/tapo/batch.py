@@ -7,8 +7,9 @@ refers to predicting ``tokens[b, t]``), so prompt and padding tokens are never t
 Shapes come from buckets (T from ``length_buckets``, B from ``row_buckets``) so that the jitted
 step compiles once per bucket; padding rows have ``row_mask = 0``.
 
-Group ids follow DAE (paper Eq. 5): an original rollout of query q is in group q, a constructed
-trajectory in group ``num_queries + q`` when decoupled, else in group q.
+``group_ids`` and ``advantages`` are left at zero here: both are computed on the device from
+``query_index``, ``is_reflection`` and ``rewards`` by :func:`tapo_jax.rl.tapo_advantages`
+(DAE, paper Eq. 5) before the update.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 __all__ = [
     "BatchStats",
     "Row",
-    "assign_group_ids_np",
     "build_batch_arrays",
     "build_train_batch",
     "pick_bucket",
@@ -68,15 +68,6 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
     return bs[-1]
 
 
-def assign_group_ids_np(query_index: np.ndarray, is_reflection: np.ndarray, *,
-                        num_queries: int, decoupled: bool = True) -> np.ndarray:
-    """NumPy twin of :func:`tapo_jax.rl.assign_group_ids` (host-side batch assembly)."""
-    q = np.asarray(query_index, np.int32)
-    if not decoupled:
-        return q
-    return np.where(np.asarray(is_reflection, bool), q + num_queries, q).astype(np.int32)
-
-
 def build_batch_arrays(
     rows: Sequence[Row],
     *,
@@ -86,7 +77,6 @@ def build_batch_arrays(
     row_buckets: Sequence[int] | None = None,
     max_len: int = 4096,
     row_multiple: int = 1,
-    decoupled: bool = True,
 ) -> tuple[dict[str, np.ndarray], BatchStats]:
     """Host (NumPy) arrays of a TrainBatch, keyed by field name, and batch statistics.
 
@@ -147,13 +137,10 @@ def build_batch_arrays(
         rewards[b] = r.reward
         row_mask[b] = 1.0
     loss_mask[:, 0] = 0.0  # column 0 is never predicted
-    group_ids = assign_group_ids_np(query_index, is_reflection, num_queries=num_queries,
-                                    decoupled=decoupled)
-    group_ids[n:] = 0
     arrays = dict(
         tokens=tokens, positions=positions, attention_mask=attention_mask, loss_mask=loss_mask,
         query_index=query_index, is_reflection=is_reflection, rewards=rewards, row_mask=row_mask,
-        group_ids=group_ids, advantages=np.zeros((B,), np.float32), old_logprobs=old_logprobs,
+        group_ids=np.zeros((B,), np.int32), advantages=np.zeros((B,), np.float32), old_logprobs=old_logprobs,
         ref_logprobs=np.zeros((B, T), np.float32),
     )
     stats = BatchStats(num_rows=n, rows=B, length=T, truncated_rows=truncated_rows,

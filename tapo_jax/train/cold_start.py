@@ -1,4 +1,5 @@
-"""Cold start: supervised fine-tuning on the two data kinds trained jointly (DESIGN.md section 1).
+"""Cold start: supervised fine-tuning on the two data kinds trained jointly (docs/design.md,
+"Method").
 
 (1) ordinary (question -> solution) examples and (2) trajectory-construction examples
 (synthesis prompt -> ``<analysis>`` + ``<reconstruction>``), so the policy can follow the
@@ -59,6 +60,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
 
     from tapo_jax.data.cold_start import sft_batch
     from tapo_jax.rl.train_step import make_train_step
+    from tapo_jax.train.metrics import progress_bar
 
     cs = cfg.cold_start
     examples = cold_start_examples(cfg, tokenizer, problems)
@@ -74,7 +76,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     weights = np.array([len(groups[L]) for L in lengths], np.float64)
     weights /= weights.sum()
     t0 = time.time()
-    bar = _bar(cs.steps, "cold start", progress)
+    bar = progress_bar(cs.steps, desc="cold start", enabled=progress)
     last: dict = {}
     tokens = 0
     for s in range(cs.steps):
@@ -117,9 +119,3 @@ def length_groups(examples: list[tuple[list[int], list[int]]], *, quantum: int =
     for i, n in enumerate(sizes):
         groups.setdefault(key(n, powers), []).append(i)
     return groups
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from tapo_jax.train.metrics import progress_bar
-
-    return progress_bar(total, desc=desc, enabled=enabled)

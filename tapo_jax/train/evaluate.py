@@ -379,7 +379,7 @@ def run_eval(
     ``cfg`` is an :class:`tapo_jax.config.EvalConfig`. ``sample_fn(prompts, n, seed)`` returns,
     per prompt, n completion texts; it owns templates, tokenization and the sampling settings
     (``cfg.temperature``, ``cfg.top_p``, ``cfg.max_new_tokens``). Responses are scored by
-    ``score_fn`` (default :func:`tapo_jax.rewards.math.score`), and for the separately
+    ``score_fn`` (default :func:`tapo_jax.rewards.verifier.score`), and for the separately
     reported lenient Pass@1 by ``lenient_score_fn`` (default: the same with ``lenient=True``;
     none when only a custom ``score_fn`` is given). ``oracle(problem, prefix) ->
     bool`` confirms an error before a reflection (default: the evidence in the revision itself).
@@ -387,7 +387,7 @@ def run_eval(
     if score_fn is None:
         import functools
 
-        from tapo_jax.rewards.math import score as score_fn
+        from tapo_jax.rewards.verifier import score as score_fn
 
         if lenient_score_fn is None:
             lenient_score_fn = functools.partial(score_fn, lenient=True)

@@ -20,7 +20,7 @@ __all__ = ["PANELS", "plot_runs"]
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("OTS weight (mean)", ("ots_weight_mean",)),
     ("policy-gradient loss", ("pg_loss_orig", "loss")),
-    ("accuracy", ("accuracy", "reward_mean")),
+    ("accuracy", ("accuracy",)),
     ("grad norm", ("grad_norm",)),
     ("response length", ("response_length_mean",)),
     ("KL to reference", ("kl",)),

@@ -90,8 +90,7 @@ def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
     rows_b, len_b = _buckets(cfg, mesh, cfg.train.batch_size)
     arrays, stats = build_batch_arrays(
         col.rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=len_b,
-        row_buckets=rows_b, max_len=len_b[-1], row_multiple=_row_multiple(cfg, mesh),
-        decoupled=cfg.rl.decoupled)
+        row_buckets=rows_b, max_len=len_b[-1], row_multiple=_row_multiple(cfg, mesh))
     for i in col.overlong_masked:
         arrays["loss_mask"][i] = 0.0
     return TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}), stats
@@ -191,7 +190,6 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     metrics.update(timings)
     metrics.update(extra)
     metrics.update({
-        "reward_mean": float(col.rewards.mean()),
         "accuracy": float(col.rewards.mean()),
         "response_length_mean": float(lengths.mean()),
         "response_length_max": float(lengths.max()),

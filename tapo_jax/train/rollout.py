@@ -8,7 +8,7 @@ every algorithm and is testable without a model:
 
 - ``sample(prompt_ids, n, max_new_tokens, seed) -> list[list[Completion]]`` (per prompt, n
   completions; the RL loop binds it to :class:`tapo_jax.sampling.Sampler` with the current params);
-- ``score(texts, golds) -> (rewards, reasons)`` (default :func:`tapo_jax.rewards.math.score`).
+- ``score(texts, golds) -> (rewards, reasons)`` (default :func:`tapo_jax.rewards.verifier.score`).
 
 Constructed trajectories y_ref are trained as responses to the *original* prompt x (never to the
 synthesis prompt); their old log-probs are recomputed later by a teacher-forced forward on (x, y_ref).
@@ -16,7 +16,6 @@ synthesis prompt); their old log-probs are recomputed later by a teacher-forced 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -142,7 +141,6 @@ def collect(
     truncated = np.array([c.finish_reason == "length" for g in comps for c in g])
     overlong = list(np.flatnonzero(truncated)) if rl.overlong_filter else []
     stats["rollouts"] = Q * K
-    stats["accuracy"] = float(rewards.mean()) if rewards.size else 0.0
     refs: list[Optional[str]] = []
     for q in range(Q):
         good = np.flatnonzero(rewards[q] > 0)
@@ -253,7 +251,3 @@ def opsd_teacher_rows(out: Collected, encode: Callable) -> list[Optional[list[in
         text = f"{rec.prompt}\n\nA correct solution:\n{ref}\n\nNow solve it yourself."
         result.append(encode([text])[0])
     return result
-
-
-def replace_rows(out: Collected, rows: list[Row]) -> Collected:
-    return dataclasses.replace(out, rows=rows)

@@ -171,11 +171,11 @@ def run_training(cfg: Config) -> dict:
     import jax
 
     from tapo_jax.data.datasets import DataIterator
-    from tapo_jax.rewards.math import default_verifier
+    from tapo_jax.rewards.verifier import Verifier
     from tapo_jax.train import checkpoints as ckpt_lib
     from tapo_jax.train import rl_loop
     from tapo_jax.train.distributed import is_main_process
-    from tapo_jax.train.metrics import MetricsWriter
+    from tapo_jax.train.metrics import MetricsWriter, progress_bar
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
 
     _setup_logging()
@@ -192,7 +192,7 @@ def run_training(cfg: Config) -> dict:
         eval_records = eval_records[: cfg.eval.num_problems]
     manager = ckpt_lib.Checkpointer(out / "checkpoints", save_every=cfg.train.checkpoint_every,
                                     keep=cfg.train.keep_checkpoints)
-    verifier = default_verifier()
+    verifier = Verifier()
     summary: dict[str, Any] = {"name": cfg.name, "algorithm": cfg.rl.algorithm}
     examples_path = out / "examples.jsonl"
 
@@ -203,7 +203,10 @@ def run_training(cfg: Config) -> dict:
         log.info("train.resume: no checkpoint in %s yet, starting from step 0", manager.directory)
     writer = MetricsWriter(out, config=cfg, resume_step=resume_step if resume_step else 0,
                            enabled=main, wandb_project=cfg.train.wandb_project or None)
-    run_key = jax.random.PRNGKey(cfg.train.seed)  # every random choice of the run derives from it
+    # The seed as a key, stored in checkpoints so a resume refuses another seed. The random
+    # streams (JAX keys for sampling, NumPy SeedSequence streams with per-site salts on the host)
+    # all derive from train.seed: docs/design.md, "Randomness".
+    run_key = jax.random.PRNGKey(cfg.train.seed)
     data_iter = DataIterator(train_records, cfg.train.batch_size, seed=cfg.train.seed,
                              shuffle=cfg.data.shuffle)
 
@@ -261,7 +264,8 @@ def run_training(cfg: Config) -> dict:
         score=lambda texts, golds: verifier.score(texts, golds),
         reward_stats=lambda: verifier.stats.as_dict())
 
-    bar = _bar(cfg.train.steps, start, f"{cfg.rl.algorithm}", cfg.train.progress)
+    bar = progress_bar(cfg.train.steps, initial=start, desc=cfg.rl.algorithm,
+                       enabled=cfg.train.progress)
     t_rl = time.time()
     try:  # a pending asynchronous save reaches the disk even when the loop is stopped
         for step in range(start, cfg.train.steps):
@@ -355,12 +359,6 @@ def _reference_params(cfg: Config, policy: "Policy") -> Any:
                         mesh=policy.mesh, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
         return split_params(model)[1]
     return policy.params
-
-
-def _bar(total: int, start: int, desc: str, enabled: bool):
-    from tapo_jax.train.metrics import progress_bar
-
-    return progress_bar(total, initial=start, desc=desc, enabled=enabled)
 
 
 def _export(policy: Policy, params: Any, path: Path, cfg: Config) -> None:

@@ -1,10 +1,13 @@
 """Verifiable math reward: r = 1 when the final boxed answer equals the gold answer, else 0.
 
-    rewards, reasons = score(responses, golds)        # float32[N], list of N reason codes
+    with Verifier() as verifier:                      # owns the sympy worker processes
+        rewards, reasons = verifier.score(responses, golds)   # float32[N], N reason codes
+    rewards, reasons = score(responses, golds)        # the same, with a verifier for this call
 
 Pipeline per response (see extract.py, normalize.py, worker.py, pool.py):
   1. extraction: last closed \\boxed{}/\\fbox{} after </think>, in the last 4,000 characters;
-  2. normalisation of both answers (notation only);
+  2. normalisation of both answers (notation only); with ``ordered_lists=True`` a gold that is a
+     bare comma list (``4, 10, -2``) is compared as an ordered tuple (see ``Verifier``);
   3. exact fast paths in this process: integers compared as Python ints, equal strings, plain
      rationals compared as Fractions; a batch of integer answers never starts a worker;
   4. a complexity guard (power towers, huge factorials) before anything reaches sympy;
@@ -24,7 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from tapo_jax.rewards.extract import MAX_ANSWER_CHARS, TAIL_CHARS, extract_answer, extract_boxed
-from tapo_jax.rewards.normalize import MAX_DIGITS, fast_decide, normalize, too_complex
+from tapo_jax.rewards.normalize import (
+    MAX_DIGITS, as_tuple, fast_decide, is_bare_list, normalize, too_complex,
+)
 from tapo_jax.rewards.pool import VerifierStats, WorkerPool
 
 __all__ = [
@@ -32,8 +37,6 @@ __all__ = [
     "REASONS",
     "Verifier",
     "VerifierStats",
-    "close_default_verifier",
-    "default_verifier",
     "extract_boxed",
     "reason_counts",
     "score",
@@ -56,6 +59,13 @@ class Verifier:
 
     ``guard=False`` lets power towers through to the workers (the deadline still applies);
     ``fast_path=False`` sends every extracted pair to sympy (for checking the sympy path itself).
+
+    ``ordered_lists`` is the policy for a gold answer that is a bare comma list (``4, 10, -2``,
+    no enclosing brackets). False (default): it is a set, and ``10, 4, -2`` is correct, as for
+    "enter all solutions, separated by commas" (MATH's convention, math-verify's reading).
+    True: it is an ordered tuple, and only the same items in the same order are correct (for
+    datasets whose lists mean sequences). Either way a gold written as a set
+    (``\\{4, 10, -2\\}``) stays a set and one written as a tuple (``(4, 10, -2)``) stays ordered.
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class Verifier:
         max_digits: int = MAX_DIGITS,
         guard: bool = True,
         fast_path: bool = True,
+        ordered_lists: bool = False,
         cache_size: int = 65536,
         chunk_size: int = 32,
         memory_limit_mb: int = 4096,
@@ -81,6 +92,7 @@ class Verifier:
         self.max_digits = max_digits
         self.guard = guard
         self.fast_path = fast_path
+        self.ordered_lists = ordered_lists
         self.cache_size = cache_size
         self.stats = VerifierStats()
         self.pool = WorkerPool(
@@ -172,6 +184,8 @@ class Verifier:
                 gold_norm[key] = self._gold(gold)
             g = gold_norm[key]
             pred = normalize(answer)
+            if g is not None and pred and self.ordered_lists and is_bare_list(g):
+                g, pred = as_tuple(g), as_tuple(pred)
             if g is None:
                 reasons[i] = "bad_gold"
             elif not pred:
@@ -209,29 +223,6 @@ class Verifier:
         ]
 
 
-# --- module-level default verifier ---------------------------------------------------------------
-_default: Verifier | None = None
-_default_lock = threading.Lock()
-
-
-def default_verifier() -> Verifier:
-    """The process-wide verifier used by ``score`` (created on first use, default settings)."""
-    global _default
-    with _default_lock:
-        if _default is None or _default.pool.closed:
-            _default = Verifier()
-        return _default
-
-
-def close_default_verifier() -> None:
-    """Shut down the default verifier's workers (a later ``score`` starts a fresh one)."""
-    global _default
-    with _default_lock:
-        if _default is not None:
-            _default.close()
-            _default = None
-
-
 def score(
     responses: Sequence[str | None],
     golds: Sequence[str | int | float],
@@ -239,12 +230,15 @@ def score(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     lenient: bool = False,
 ) -> tuple[np.ndarray, list[str]]:
-    """Math reward of N responses against N gold answers with the default verifier.
+    """Math reward of N responses against N gold answers, with a verifier for this call only.
 
     Returns ``(rewards float32[N] in {0, 1}, reasons list[str] of N codes)``; see the module
     docstring for the codes. ``timeout_s`` is the hard per-item deadline of the sympy check.
+    The verifier's workers start only if some pair needs sympy and are shut down on return; a
+    caller that scores many batches (the training loop) holds one :class:`Verifier` instead.
     """
-    return default_verifier().score(responses, golds, timeout_s=timeout_s, lenient=lenient)
+    with Verifier(timeout_s=timeout_s) as verifier:
+        return verifier.score(responses, golds, lenient=lenient)
 
 
 def reason_counts(reasons: Sequence[str]) -> dict[str, int]:

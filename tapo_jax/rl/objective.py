@@ -1,5 +1,9 @@
 """The TAPO objective and its parts, paper "Learning from Your Own Mistakes" (arXiv 2606.18844).
 
+A GRPO batch is a TAPO batch without reflection rows (the training step drops them for
+``rl.algorithm = grpo``). The per-token log-probs and entropies come from
+:mod:`tapo_jax.rl.logprobs`; the OPSD baseline's divergence is in :mod:`tapo_jax.rl.opsd`.
+
 Departures from plain GRPO (Eq. 2), all switchable through :class:`tapo_jax.config.RLConfig`:
 
 - the constructed trajectories y_ref form a second loss term L_ref, aggregated over their own
@@ -24,13 +28,15 @@ terms of disjoint row sets combine with :func:`merge_loss_terms` (add; min/max f
 micro-batches, compute the full batch's counts once with :func:`tapo_loss_denominators` and pass
 them as ``denominators=`` to :func:`tapo_loss` for every micro-batch: the micro-batch losses and
 gradients then *add up* to the full-batch loss and gradient exactly (up to float rounding).
+
+Over 400 lines on purpose: the per-token pieces, the terms in sum-and-count form and the
+metrics finished from them share every mask and term name.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +46,6 @@ from tapo_jax.types import TrainBatch
 
 __all__ = [
     "AGG_MODES",
-    "entropy_from_logits",
-    "logprobs_and_entropy_from_logits",
-    "chunked_logprobs_and_entropy",
     "ots_weights",
     "clipped_surrogate",
     "clip_indicators",
@@ -55,8 +58,6 @@ __all__ = [
     "loss_from_terms",
     "metrics_from_terms",
     "tapo_loss",
-    "grpo_loss",
-    "opsd_loss",
 ]
 
 AggMode = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -64,185 +65,6 @@ AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mea
 LOG_RATIO_CLAMP = 20.0  # |log pi/pi_old| is clamped to this before exp
 KL_CLAMP = 10.0  # k3 values are clamped to [-KL_CLAMP, KL_CLAMP]
 OTS_LOW_THRESHOLD = 0.1  # metric: share of reflection tokens with w_t below this
-
-# --------------------------------------------------------------------------------------------
-# Entropy and log-probs (Eq. 7 needs H_t), chunked over the vocabulary
-# --------------------------------------------------------------------------------------------
-
-
-def _online_logprob_entropy(
-    chunk_fn: Callable[[jax.Array], jax.Array],
-    vocab: int,
-    chunk: int,
-    targets: Optional[jax.Array],
-    lead_shape: tuple[int, ...],
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Online logsumexp over vocabulary chunks: target log-prob, entropy, logsumexp, float32[...].
-
-    ``chunk_fn(start)`` returns the float32 logits of columns ``start .. start + chunk - 1``.
-    Starts are clamped to ``vocab - chunk`` so the last chunk may overlap the previous one; columns
-    already seen are masked out. The carry holds, per position, the running max m, the running
-    sum s = sum exp(z - m), u = sum exp(z - m) (z - m) and the target logit; entropy is
-    H = log s - u / s. The scan body is rematerialised, so the backward pass never stores more
-    than one [..., chunk] block of logits.
-    """
-    num_chunks = -(-vocab // chunk)
-    cols = jnp.arange(chunk)
-
-    def stats(i):
-        nominal = i * chunk
-        start = jnp.minimum(nominal, vocab - chunk)
-        col = start + cols
-        keep = col >= nominal  # drop overlap with the previous chunk
-        z = jnp.where(keep, chunk_fn(start), -jnp.inf)
-        cm = jnp.max(z, axis=-1)
-        tl = None
-        if targets is not None:
-            hit = (col == targets[..., None]) & keep
-            tl = jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
-        return z, cm, tl, keep
-
-    def init():
-        z, m, tl, keep = stats(0)
-        d = jnp.where(keep, z - m[..., None], 0.0)
-        e = jnp.exp(d)
-        return m, jnp.sum(e, -1), jnp.sum(e * d, -1), tl if tl is not None else jnp.zeros(lead_shape)
-
-    @jax.checkpoint
-    def body(carry, i):
-        m, s, u, t = carry
-        z, cm, tl, keep = stats(i)
-        m_new = jnp.maximum(m, cm)
-        delta = m - m_new  # <= 0, finite
-        alpha = jnp.exp(delta)
-        d = jnp.where(keep, z - m_new[..., None], 0.0)
-        e = jnp.where(keep, jnp.exp(d), 0.0)
-        s_new = alpha * s + jnp.sum(e, -1)
-        u_new = alpha * (u + delta * s) + jnp.sum(e * d, -1)
-        t_new = t + tl if tl is not None else t
-        return (m_new, s_new, u_new, t_new), None
-
-    carry = init()
-    if num_chunks > 1:
-        carry, _ = jax.lax.scan(body, carry, jnp.arange(1, num_chunks))
-    m, s, u, t = carry
-    log_s = jnp.log(s)
-    entropy = log_s - u / s
-    lse = m + log_s
-    return t - lse, entropy, lse
-
-
-def logprobs_and_entropy_from_logits(
-    logits: jax.Array,
-    targets: jax.Array,
-    *,
-    chunk_size: Optional[int] = None,
-    temperature: float = 1.0,
-) -> tuple[jax.Array, jax.Array]:
-    """Log-prob of ``targets`` and entropy of softmax(logits / temperature), float32[B, T].
-
-    Args:
-      logits: [B, T, V] (any float dtype; math in float32).
-      targets: int[B, T] token ids (entry [b, t] is the token predicted at [b, t]).
-      chunk_size: None computes over the full vocabulary; an int streams the vocabulary in chunks
-        (online logsumexp, :func:`jax.lax.scan`), so no float32 copy of [B, T, V] is made; its
-        backward pass is one fused elementwise expression (custom VJP) that writes the gradient
-        in the dtype of ``logits``.
-      temperature: logits are divided by it (match the sampling temperature of the rollouts).
-    """
-    vocab = logits.shape[-1]
-    if chunk_size is None or chunk_size >= vocab:
-        z = logits.astype(jnp.float32) / temperature
-        logp = jax.nn.log_softmax(z, axis=-1)
-        lp = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return lp, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return _lpe_chunked(logits, targets.astype(jnp.int32), chunk_size, float(temperature))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _lpe_chunked(logits, targets, chunk_size, temperature):
-    return _lpe_chunked_fwd(logits, targets, chunk_size, temperature)[0]
-
-
-def _lpe_chunked_fwd(logits, targets, chunk_size, temperature):
-    def chunk_fn(start):
-        blk = jax.lax.dynamic_slice_in_dim(logits, start, chunk_size, axis=-1)
-        return blk.astype(jnp.float32) / temperature
-
-    lp, ent, lse = _online_logprob_entropy(
-        chunk_fn, logits.shape[-1], chunk_size, targets, logits.shape[:-1])
-    return (lp, ent), (logits, targets, lse, ent)
-
-
-def _lpe_chunked_bwd(chunk_size, temperature, res, ct):
-    """One fused elementwise pass: d lp/dz = onehot - p, d H/dz = -p (log p + H), over T."""
-    logits, targets, lse, ent = res
-    ct_lp, ct_ent = ct
-    logp = logits.astype(jnp.float32) / temperature - lse[..., None]
-    p = jnp.exp(logp)
-    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
-    g = ct_lp[..., None] * (onehot - p) - ct_ent[..., None] * p * (logp + ent[..., None])
-    return (g / temperature).astype(logits.dtype), None
-
-
-_lpe_chunked.defvjp(_lpe_chunked_fwd, _lpe_chunked_bwd)
-
-
-def entropy_from_logits(logits: jax.Array, *, chunk_size: Optional[int] = None) -> jax.Array:
-    """Entropy H = logsumexp(z) - sum softmax(z) z of the token distribution, float32[...].
-
-    Numerically stable for any logit magnitude (the log-softmax form, never log of a probability
-    that underflowed). ``chunk_size`` streams the vocabulary in chunks (see
-    :func:`logprobs_and_entropy_from_logits`), for large vocabularies such as Qwen3's 151,936.
-    """
-    if chunk_size is None or chunk_size >= logits.shape[-1]:
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    dummy = jnp.zeros(logits.shape[:-1], jnp.int32)
-    return logprobs_and_entropy_from_logits(logits, dummy, chunk_size=chunk_size)[1]
-
-
-def chunked_logprobs_and_entropy(
-    hidden: jax.Array,
-    weight: jax.Array,
-    targets: jax.Array,
-    *,
-    chunk_size: int,
-    weight_layout: Literal["DV", "VD"] = "DV",
-    temperature: float = 1.0,
-) -> tuple[jax.Array, jax.Array]:
-    """Target log-prob and entropy straight from the final hidden states, float32[B, T].
-
-    The lm-head projection is applied one vocabulary chunk at a time, so neither the forward nor
-    the backward pass materialises the [B, T, V] logits. Differentiable in ``hidden`` and
-    ``weight``.
-
-    Args:
-      hidden: [B, T, D] final (normed) hidden states.
-      weight: the lm-head matrix, [D, V] (``weight_layout="DV"``) or [V, D] (``"VD"``, e.g. a tied
-        embedding table).
-      targets: int[B, T].
-      chunk_size: vocabulary columns per step (clamped to V).
-      temperature: logits are divided by it.
-    """
-    vocab = weight.shape[1] if weight_layout == "DV" else weight.shape[0]
-    chunk = min(chunk_size, vocab)
-    if chunk <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    axis = 1 if weight_layout == "DV" else 0
-    eq = "btd,dc->btc" if weight_layout == "DV" else "btd,cd->btc"
-
-    def chunk_fn(start):
-        w = jax.lax.dynamic_slice_in_dim(weight, start, chunk, axis=axis)
-        z = jnp.einsum(eq, hidden, w, preferred_element_type=jnp.float32)
-        return z.astype(jnp.float32) / temperature
-
-    lp, ent, _ = _online_logprob_entropy(
-        chunk_fn, vocab, chunk, targets.astype(jnp.int32), hidden.shape[:-1])
-    return lp, ent
-
 
 # --------------------------------------------------------------------------------------------
 # Per-token pieces: OTS weights (Eq. 7), clipped surrogate (Eq. 2, 6), KL
@@ -396,9 +218,6 @@ def aggregate(
 # --------------------------------------------------------------------------------------------
 # The TAPO loss (Eq. 8) in sum + count form
 # --------------------------------------------------------------------------------------------
-
-# Loss terms: each is ``<name>/sum`` over ``<name>/count`` (see aggregate_terms).
-_LOSS_TERMS = ("pg_orig", "pg_ref", "kl", "entropy")
 
 
 def _row_masks(batch: TrainBatch, cfg: RLConfig):
@@ -620,83 +439,4 @@ def tapo_loss(
     loss = loss_from_terms(terms, cfg, denominators)
     metrics = metrics_from_terms(terms, cfg)
     metrics["loss"] = jax.lax.stop_gradient(loss)
-    return loss, metrics
-
-
-def grpo_loss(
-    logprobs: jax.Array,
-    old_logprobs: jax.Array,
-    entropy: jax.Array,
-    batch: TrainBatch,
-    cfg: RLConfig,
-    *,
-    max_len: Optional[int] = None,
-    denominators: Optional[dict[str, jax.Array]] = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO (Eq. 2): :func:`tapo_loss` with every reflection row treated as padding."""
-    keep = jnp.asarray(batch.row_mask, jnp.float32) * (~jnp.asarray(batch.is_reflection, bool))
-    return tapo_loss(logprobs, old_logprobs, entropy, batch.replace(row_mask=keep), cfg,
-                     max_len=max_len, denominators=denominators)
-
-
-# --------------------------------------------------------------------------------------------
-# OPSD: on-policy self-distillation
-# --------------------------------------------------------------------------------------------
-
-
-def opsd_loss(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    mask: jax.Array,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    loss_agg: AggMode = "token-mean",
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Generalized JSD between student S and teacher T token distributions, per token.
-
-    beta = 0: forward KL(T || S); beta = 1: reverse KL(S || T); otherwise, with the mixture
-    M = beta T + (1 - beta) S, D = beta KL(T || M) + (1 - beta) KL(S || M) (the GKD convention).
-    Both logits are divided by ``temperature``; the teacher is under stop-gradient. ``top_k > 0``
-    restricts both distributions to the teacher's k most likely tokens (renormalised). Per-token
-    divergences are clamped at 0 (they are >= 0 mathematically) and aggregated over ``mask``
-    [B, T] with ``loss_agg``. ``beta``, ``temperature`` and ``top_k`` are static Python numbers.
-
-    Args:
-      student_logits, teacher_logits: [B, T, V] on the student's own rollout tokens.
-      mask: [B, T] tokens to distil.
-
-    Returns:
-      ``(loss float32[], {"opsd_loss", "opsd_tokens", "opsd_div_max"})``.
-    """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"opsd beta must be in [0, 1], got {beta}")
-    s = student_logits.astype(jnp.float32) / temperature
-    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
-    if top_k:
-        _, idx = jax.lax.top_k(t, top_k)
-        t = jnp.take_along_axis(t, idx, axis=-1)
-        s = jnp.take_along_axis(s, idx, axis=-1)
-    ls = jax.nn.log_softmax(s, axis=-1)
-    lt = jax.nn.log_softmax(t, axis=-1)
-
-    def kl(lp, lq):  # KL(p || q) over the last axis
-        return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-
-    if beta == 0.0:
-        div = kl(lt, ls)
-    elif beta == 1.0:
-        div = kl(ls, lt)
-    else:
-        lm = jnp.logaddexp(lt + math.log(beta), ls + math.log(1.0 - beta))
-        div = beta * kl(lt, lm) + (1.0 - beta) * kl(ls, lm)
-    div = jnp.maximum(div, 0.0)
-    m = jnp.asarray(mask, jnp.float32)
-    loss = aggregate(div, m, mode=loss_agg)
-    metrics = {
-        "opsd_loss": jax.lax.stop_gradient(loss),
-        "opsd_tokens": jnp.sum(m),
-        "opsd_div_max": jax.lax.stop_gradient(jnp.max(jnp.where(m > 0, div, 0.0))),
-    }
     return loss, metrics
