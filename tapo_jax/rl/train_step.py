@@ -5,7 +5,7 @@ on the mesh (params by ``TRAIN_RULES``, the batch's leading dim over ``("data", 
 the state donated:
 
 - ``rl``: the TAPO objective (Eq. 8; GRPO when ``rl.algorithm == "grpo"``, where reflection rows
-  are dropped) from :mod:`tapo_jax.rl.losses`, on per-token log-probs and entropies of the
+  are dropped) from :mod:`tapo_jax.rl.objective`, on per-token log-probs and entropies of the
   current policy.
 - ``sft``: maximum likelihood (token-mean negative log-likelihood) on the ``loss_mask`` tokens of
   real rows (cold start).
@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tapo_jax.config import Config
 from tapo_jax.models import sharding as sharding_lib
-from tapo_jax import rl as losses  # logprobs, objective and opsd, through tapo_jax.rl
+from tapo_jax.rl import logprobs, objective, opsd
 from tapo_jax.train.state import (TrainState, abstract_params, lr_schedule, make_optimizer,
                                   optim_config_for, train_state_shardings)
 from tapo_jax.types import TrainBatch
@@ -119,7 +119,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
             hidden, NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES)))
         weight = jax.lax.with_sharding_constraint(weight, sharding_lib.logical_sharding(
             mesh, ("vocab", None), sharding_lib.TRAIN_RULES, weight.shape))
-    lp, ent = losses.chunked_logprobs_and_entropy(
+    lp, ent = logprobs.chunked_logprobs_and_entropy(
         hidden[:, :-1], weight, tokens[:, 1:], chunk_size=chunk_size, weight_layout="VD",
         temperature=temperature)
     return _shift_right(lp), _shift_right(ent)
@@ -156,7 +156,7 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def _merge_terms(a: dict, b: dict) -> dict:
-    return losses.merge_loss_terms(a, b)
+    return objective.merge_loss_terms(a, b)
 
 
 def _identity_terms(abstract: dict) -> dict:
@@ -200,23 +200,23 @@ def _accumulate(loss_fn: Callable, params: nnx.State, batch: Any, m: int, mesh: 
 
 
 def _rl_prepare(batch: TrainBatch, cfg: Config) -> TrainBatch:
-    if cfg.rl.algorithm == "grpo":  # as losses.grpo_loss: reflection rows are padding
+    if cfg.rl.algorithm == "grpo":  # GRPO: reflection rows are padding
         keep = jnp.asarray(batch.row_mask, jnp.float32) * (~jnp.asarray(batch.is_reflection, bool))
         batch = batch.replace(row_mask=keep)
     return batch
 
 
 def _rl_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperature: float, mesh):
-    denominators = losses.tapo_loss_denominators(full, cfg.rl)
+    denominators = objective.tapo_loss_denominators(full, cfg.rl)
 
     def loss_fn(params, mb: TrainBatch):
         lp, ent = token_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
                                  chunk_size=chunk, temperature=temperature, mesh=mesh)
-        terms = losses.tapo_loss_terms(lp, mb.old_logprobs, ent, mb, cfg.rl)
-        return losses.loss_from_terms(terms, cfg.rl, denominators), terms
+        terms = objective.tapo_loss_terms(lp, mb.old_logprobs, ent, mb, cfg.rl)
+        return objective.loss_from_terms(terms, cfg.rl, denominators), terms
 
     def finish(terms):
-        return losses.metrics_from_terms(terms, cfg.rl)
+        return objective.metrics_from_terms(terms, cfg.rl)
 
     return loss_fn, finish
 
@@ -250,8 +250,8 @@ def _opsd_loss_fn(graphdef, cfg: Config, full: OPSDBatch, chunk: int, temperatur
     del chunk, mesh  # the divergence needs whole distributions
     agg = "token-mean"
     mask_full = _sft_mask(full.student)
-    total = jnp.maximum(losses.aggregate_terms(jnp.zeros_like(mask_full), mask_full, mode=agg)[1],
-                        1.0)
+    total = jnp.maximum(
+        objective.aggregate_terms(jnp.zeros_like(mask_full), mask_full, mode=agg)[1], 1.0)
 
     def loss_fn(params, mb: OPSDBatch):
         s = mb.student
@@ -272,10 +272,10 @@ def _opsd_loss_fn(graphdef, cfg: Config, full: OPSDBatch, chunk: int, temperatur
         s_h = jnp.pad(s_hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))  # position t-1 predicts t
         s_logits = model.logits_from_hidden(s_h)
         t_logits = teacher.logits_from_hidden(t_h)
-        loss, m = losses.opsd_loss(
+        loss, m = opsd.opsd_loss(
             s_logits, t_logits, mask, beta=cfg.rl.opsd_beta, temperature=temperature,
             top_k=cfg.rl.opsd_top_k, loss_agg=agg)
-        count = losses.aggregate_terms(jnp.zeros_like(mask), mask, mode=agg)[1]
+        count = objective.aggregate_terms(jnp.zeros_like(mask), mask, mode=agg)[1]
         num = loss * jnp.maximum(count, 1.0)
         terms = {"opsd/sum": jax.lax.stop_gradient(num), "opsd/count": count,
                  "opsd/tokens": m["opsd_tokens"], "opsd_div/max": m["opsd_div_max"]}
