@@ -114,3 +114,36 @@ def test_segment_positions_restart_per_segment():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(segment_positions(seg),
                                   [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 0, 1, 2, 3, 4, 5]])
+
+
+def test_splash_in_the_sharded_forward_equals_single_device_xla():
+    """Pallas calls are not partitioned by XLA: on a mesh, the splash path maps itself over the
+    batch shards (shard_map); the log-prob forward must equal a single-device xla forward."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    import dataclasses
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from tapo_jax.config import MeshConfig, ModelConfig
+    from tapo_jax.models import sharding as sh
+    from tapo_jax.models.qwen3 import Qwen3
+    from tapo_jax.rl.train_step import make_logprob_fn
+    from tapo_jax.train.state import split_params
+
+    cfg = ModelConfig(num_layers=2, attention="xla")
+    r = np.random.default_rng(0)
+    am = np.ones((8, 40), np.int32)
+    am[:, 30:] = 0
+    am[3, :5] = 0
+    batch = SimpleNamespace(tokens=r.integers(0, 512, (8, 40)).astype(np.int32),
+                            attention_mask=am,
+                            positions=np.maximum(np.cumsum(am, 1) - 1, 0).astype(np.int32))
+    one = sh.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    gd, params = split_params(Qwen3(cfg, rngs=nnx.Rngs(0)))
+    ref = make_logprob_fn(gd, one)(params, batch)[0]
+    mesh = sh.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
+    gd2, p2 = split_params(Qwen3(dataclasses.replace(cfg, attention="splash"), rngs=nnx.Rngs(0)))
+    got = make_logprob_fn(gd2, mesh)(p2, batch)[0]
+    np.testing.assert_allclose(np.where(am > 0, got, 0), np.where(am > 0, ref, 0), atol=OUT_TOL,
+                               rtol=0)

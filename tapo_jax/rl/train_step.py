@@ -30,6 +30,7 @@ Letters: B rows, T length, D model dim, V vocabulary, M micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Literal, Sequence
 
@@ -90,6 +91,14 @@ def _head_weight(model: nnx.Module) -> jax.Array:
     return head.weight[...]
 
 
+def _mesh_context(mesh: Mesh | None):
+    """The mesh as the trace's abstract mesh: kernels XLA cannot partition (the Pallas splash
+    attention) map themselves over its batch shards (``models/attention.py``)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def _shift_right(x: jax.Array) -> jax.Array:
     """[B, T-1] -> [B, T] with a zero column 0."""
     return jnp.pad(x, ((0, 0), (1, 0)))
@@ -111,8 +120,9 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
     the model dim (its vocabulary dim stays split over ``tensor``), as FSDP does for every weight.
     """
     model = nnx.merge(graphdef, params)
-    hidden = model(tokens, positions, attention_mask, segment_ids=segment_ids,
-                   return_hidden=True)  # [B, T, D]
+    with _mesh_context(mesh):
+        hidden = model(tokens, positions, attention_mask, segment_ids=segment_ids,
+                       return_hidden=True)  # [B, T, D]
     weight = _head_weight(model).astype(hidden.dtype)
     if mesh is not None:
         hidden = jax.lax.with_sharding_constraint(
@@ -247,7 +257,7 @@ def _sft_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperatur
 
 
 def _opsd_loss_fn(graphdef, cfg: Config, full: OPSDBatch, chunk: int, temperature: float, mesh):
-    del chunk, mesh  # the divergence needs whole distributions
+    del chunk  # the divergence needs whole distributions
     agg = "token-mean"
     mask_full = _sft_mask(full.student)
     total = jnp.maximum(
@@ -256,10 +266,11 @@ def _opsd_loss_fn(graphdef, cfg: Config, full: OPSDBatch, chunk: int, temperatur
     def loss_fn(params, mb: OPSDBatch):
         s = mb.student
         model = nnx.merge(graphdef, params)
-        s_hidden = model(s.tokens, s.positions, s.attention_mask, return_hidden=True)
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params))
-        t_hidden = teacher(mb.teacher_tokens, mb.teacher_positions, mb.teacher_attention_mask,
-                           return_hidden=True)
+        with _mesh_context(mesh):
+            s_hidden = model(s.tokens, s.positions, s.attention_mask, return_hidden=True)
+            t_hidden = teacher(mb.teacher_tokens, mb.teacher_positions,
+                               mb.teacher_attention_mask, return_hidden=True)
         # k-th trained student token <-> k-th marked teacher token.
         mask = _sft_mask(s)
         t_mask = jnp.asarray(mb.teacher_loss_mask, jnp.float32) > 0
