@@ -215,19 +215,12 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class Embed(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        value = cfg.init_std * jax.random.normal(
-            rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
-        self.weight = nnx.Param(value.astype(cfg.param_dtype), out_sharding=("vocab", "embed"),
-                                eager_sharding=False)
-
-
 class Backbone(nnx.Module):
     """HF ``Qwen3Model``: embed_tokens, layers, norm."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.embed_tokens = Embed(cfg, rngs)
+        self.embed_tokens = Linear((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg,
+                                   rngs)
         layers = [DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)]
         # scan_layers: one DecoderLayer whose params carry a leading "layers" axis [L, ...]
         self.layers = _stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
@@ -267,11 +260,15 @@ class Qwen3(nnx.Module):
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings else Linear(
             (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, rngs))
 
+    def head_weight(self) -> jax.Array:
+        """The [V, D] lm-head matrix (the embedding table when tied)."""
+        head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        return head.weight[...]
+
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] with lm_head (or the tied embedding), in cfg.dtype."""
         dt = jnp.dtype(self.cfg.dtype)
-        head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
-        return jnp.einsum("...D,VD->...V", hidden.astype(dt), head.weight[...].astype(dt))
+        return jnp.einsum("...D,VD->...V", hidden.astype(dt), self.head_weight().astype(dt))
 
     def __call__(self, tokens, positions=None, attention_mask=None, *, segment_ids=None,
                  cache=None, cache_index=None, attend_len=None, return_hidden=False,

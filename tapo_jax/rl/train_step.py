@@ -85,12 +85,6 @@ class OPSDBatch:
 # --------------------------------------------------------------------------------------------
 
 
-def _head_weight(model: nnx.Module) -> jax.Array:
-    """The [V, D] lm-head matrix (the embedding table when tied)."""
-    head = model.lm_head if model.lm_head is not None else model.model.embed_tokens
-    return head.weight[...]
-
-
 def _mesh_context(mesh: Mesh | None):
     """The mesh as the trace's abstract mesh: kernels XLA cannot partition (the Pallas splash
     attention) map themselves over its batch shards (``models/attention.py``)."""
@@ -123,7 +117,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
     with _mesh_context(mesh):
         hidden = model(tokens, positions, attention_mask, segment_ids=segment_ids,
                        return_hidden=True)  # [B, T, D]
-    weight = _head_weight(model).astype(hidden.dtype)
+    weight = model.head_weight().astype(hidden.dtype)
     if mesh is not None:
         hidden = jax.lax.with_sharding_constraint(
             hidden, NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES)))
