@@ -156,7 +156,7 @@ def test_plan_from_environment():
     assert plan.method == "env"
     assert plan.kwargs == dict(coordinator_address="10.0.0.1:1234", num_processes=4,
                                process_id=3, initialization_timeout=300,
-                               local_device_ids=[0, 1])
+                               heartbeat_timeout_seconds=100, local_device_ids=[0, 1])
     # JAX's own variable name is honoured for the address.
     plan = plan_initialization({"JAX_COORDINATOR_ADDRESS": "h:1", "TAPO_NUM_PROCESSES": "2",
                                 "TAPO_PROCESS_ID": "0"})

@@ -6,6 +6,14 @@ per call inside one jitted loop, reading only the cache slots the longest live s
 reach (a power-of-two bucket, while that skips at least half of the cache). Each request
 (prompt i, sample j) draws with the key ``fold_in(fold_in(key(seed), i), j)``, so results do
 not depend on the slot count or on the scheduling order. The stop token is part of the completion and its log-prob is returned.
+
+Several processes (a multi-host run): every process calls :meth:`Sampler.generate` with the same
+prompts and gets the same :class:`Rollouts`. Each process runs its own engine on its own devices
+(:func:`local_mesh`, the process's part of the training mesh) with a process-local copy of the
+weights (:func:`local_params`), decodes its share of the requests (request ``r`` on process
+``r % P``), and the completions are all-gathered. As the keys depend only on (seed, prompt,
+sample), the tokens do not depend on the number of processes. One process is the same code with
+a share of every request and a gather over one process.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import AxisType, Mesh
 
+from tapo_jax.models import sharding as sharding_lib
 from tapo_jax.sampling.engine import Engine
 
 
@@ -89,13 +99,17 @@ class Sampler:
     def __init__(self, graphdef: Any, params: Any, *, mesh: Any = None, num_slots: int = 64,
                  max_len: int = 512, prefill_buckets: Optional[Sequence[int]] = None,
                  chunk: int = 16, tokenizer: Any = None):
-        self.engine = Engine(graphdef, params, num_slots=num_slots, max_len=max_len, mesh=mesh,
-                             prefill_buckets=prefill_buckets)
+        # ``mesh`` may span processes (the training mesh): the engine runs on this process's
+        # part of it; without a mesh, on this process's first device
+        local = local_mesh(mesh) if mesh is not None else sharding_lib.make_mesh(
+            _one_device(), devices=jax.local_devices()[:1])
+        self.engine = Engine(graphdef, local_params(params, local), num_slots=num_slots,
+                             max_len=max_len, mesh=local, prefill_buckets=prefill_buckets)
         self.chunk = chunk
         self.tokenizer = tokenizer
 
     def update_params(self, params: Any) -> None:
-        self.engine.update_params(params)
+        self.engine.update_params(local_params(params, self.engine.mesh))
 
     @property
     def compile_counts(self) -> dict[str, int]:
@@ -134,6 +148,7 @@ class Sampler:
         p_idx = np.repeat(np.arange(len(prompts), dtype=np.int32), n)
         s_idx = np.tile(np.arange(n, dtype=np.int32), len(prompts))
         keys = request_keys(seed, p_idx, s_idx) if R else np.zeros((0, 2), np.uint32)
+        mine = list(range(jax.process_index(), R, jax.process_count()))  # this process's share
         V = eng.cfg.vocab_size
         k_bound = V if top_k == 0 else min(top_k, V)
         filtered = bool(top_k > 0 or top_p < 1.0 or min_p > 0.0) and temperature > 0
@@ -143,13 +158,13 @@ class Sampler:
         tokens: list[list[int]] = [[] for _ in range(R)]
         logps: list[list[float]] = [[] for _ in range(R)]
         stopped = np.zeros(R, bool)
-        queue = collections.deque(range(R))
+        queue = collections.deque(mine)
         slot_req = [-1] * eng.num_slots
         state = eng.init_decode_state(stop_ids)
         finished = 0
         decode_calls = 0
 
-        while finished < R:
+        while finished < len(mine):
             free = [s for s, r in enumerate(slot_req) if r < 0]
             if free and queue:
                 take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
@@ -175,8 +190,9 @@ class Sampler:
                     slot_req[s] = -1
                     finished += 1
             if progress is not None:
-                progress(finished, R)
+                progress(finished, len(mine))
 
+        tokens, logps, stopped = _gather_requests(R, mine, max_new_tokens, tokens, logps, stopped)
         wall = time.perf_counter() - t_start
         lengths = np.array([len(t) for t in tokens], np.int32)
         return Rollouts(
@@ -224,6 +240,102 @@ class Sampler:
                     tokens[r].append(int(first[row]))
                     logps[r].append(float(first_lp[row]))
         return state
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes: the local engine mesh, local weights, the gather of completions
+# --------------------------------------------------------------------------------------------
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """This process's part of a (data, fsdp, tensor) ``mesh``, as a (1, n, tensor) mesh.
+
+    Sampling shards slots over data x fsdp and weights over tensor only, so the rows of
+    ``tensor`` devices of this process form its sampling mesh (the whole mesh, reshaped, on one
+    process). Each tensor group must lie within one process.
+    """
+    t = mesh.shape["tensor"]
+    groups = np.asarray(mesh.devices).reshape(-1, t)  # mesh axes are (data, fsdp, tensor)
+    if any(len({d.process_index for d in g}) > 1 for g in groups):
+        raise ValueError(f"mesh.tensor = {t} spans several processes; sampling needs each "
+                         "tensor group on the devices of one host (lower mesh.tensor)")
+    mine = [g for g in groups if g[0].process_index == jax.process_index()]
+    if not mine:
+        raise ValueError("the mesh holds none of this process's devices")
+    return Mesh(np.asarray(mine).reshape(1, len(mine), t), sharding_lib.MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(sharding_lib.MESH_AXES))
+
+
+def local_params(params: Any, mesh: Mesh) -> Any:
+    """``params`` as arrays on ``mesh`` (process-local), laid out by the sampling rules.
+
+    Params held only by this process's devices are returned as they are (the engine's copy
+    places them). Params of a mesh that spans processes are first resharded on their own mesh to
+    the sampling rules (one jitted copy: each device then holds what a sampling device needs),
+    then each leaf is rebuilt on ``mesh`` from this process's shards.
+    """
+    leaves = jax.tree.leaves(params)
+    if all(x.is_fully_addressable for x in leaves):
+        return params
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    source = leaves[0].sharding.mesh
+    spread = sharding_lib.state_shardings(abstract, source, sharding_lib.SAMPLE_RULES)
+    target = sharding_lib.state_shardings(abstract, mesh, sharding_lib.SAMPLE_RULES)
+    gathered = jax.jit(lambda p: p, out_shardings=spread)(params)
+    return jax.tree.map(_rebuild_local, gathered, target)
+
+
+def _rebuild_local(x: jax.Array, sharding: Any) -> jax.Array:
+    """The process-local array of ``sharding`` from the addressable shards of global ``x``."""
+    def key(index):
+        return tuple(s.indices(n)[:2] for s, n in zip(index, x.shape))
+
+    held = {key(s.index): s.data for s in x.addressable_shards}
+    bufs = []
+    for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+        buf = held.get(key(index))
+        if buf is None:
+            raise ValueError(f"no local shard of a weight {x.shape} holds {index}: the "
+                             "sampling layout needs slices another process holds")
+        bufs.append(jax.device_put(buf, device))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, bufs)
+
+
+def _gather_requests(R: int, mine: list[int], width: int, tokens: list[list[int]],
+                     logps: list[list[float]], stopped: np.ndarray
+                     ) -> tuple[list[list[int]], list[list[float]], np.ndarray]:
+    """Completions of all ``R`` requests on every process, from each process's share.
+
+    Request ``r`` is row ``r // P`` of process ``r % P``; rows are padded to ``width``
+    (max_new_tokens) and gathered with ``process_allgather`` (a stack over processes).
+    """
+    from jax.experimental import multihost_utils
+
+    P = jax.process_count()
+    rows = -(-R // P)
+    tok = np.zeros((rows, width), np.int32)
+    lp = np.zeros((rows, width), np.float32)
+    length = np.zeros((rows,), np.int32)
+    stop = np.zeros((rows,), bool)
+    for k, r in enumerate(mine):
+        m = len(tokens[r])
+        tok[k, :m], lp[k, :m], length[k], stop[k] = tokens[r], logps[r], m, stopped[r]
+    tok, lp, length, stop = (np.asarray(a) for a in
+                             multihost_utils.process_allgather((tok, lp, length, stop)))
+    out_t, out_lp = [], []
+    all_stop = np.zeros(R, bool)
+    for r in range(R):
+        p, k = r % P, r // P
+        out_t.append(tok[p, k, :length[p, k]].tolist())
+        out_lp.append(lp[p, k, :length[p, k]].tolist())
+        all_stop[r] = stop[p, k]
+    return out_t, out_lp, all_stop
+
+
+def _one_device():
+    from tapo_jax.config import MeshConfig
+
+    return MeshConfig(data=1, fsdp=1, tensor=1)
 
 
 def generate(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,

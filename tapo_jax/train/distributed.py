@@ -18,11 +18,20 @@ How the decision is made (first match wins):
    the environment), or ``TAPO_DISTRIBUTED=1`` (force; ``launch/tpu.sh`` sets it).
 4. Otherwise: single process, no-op.
 
-``TAPO_INIT_TIMEOUT`` (seconds, default 300) bounds the wait for the other processes.
+``TAPO_INIT_TIMEOUT`` (seconds, default 300) bounds the wait for the other processes;
+``TAPO_HEARTBEAT_TIMEOUT`` (seconds, default 100) is how long a silent process may go before the
+others count it dead and stop.
 
 After initialisation, a normal exit passes JAX's shutdown barrier (so process 0 keeps the
 coordination service until every peer has left), and an uncaught exception exits at once with
-status 1 (the peers then stop through the runtime's heartbeat, about 100 s later).
+status 1 (the peers then stop through the runtime's heartbeat, ``TAPO_HEARTBEAT_TIMEOUT``
+seconds later).
+
+Host-side collectives of the training loop (every process calls them, in the same order):
+:func:`allgather_objects` (JSON values of every process), :func:`map_across_processes` (a
+function of per-item lists run on this process's share, results gathered in item order),
+:func:`sum_across_processes` (counters) and :func:`barrier`. On one process each is the same code
+with a gather over a single process.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +98,7 @@ def plan_initialization(env: Mapping[str, str] | None = None) -> Optional[_Plan]
     if mode not in _ON and mode != "auto":
         raise ValueError(f"TAPO_DISTRIBUTED={mode!r} must be auto, 1 or 0")
     timeout = _int_env(env, "TAPO_INIT_TIMEOUT") or 300
+    heartbeat = _int_env(env, "TAPO_HEARTBEAT_TIMEOUT") or 100
 
     address = env.get("TAPO_COORDINATOR_ADDRESS") or env.get("JAX_COORDINATOR_ADDRESS")
     num = _int_env(env, "TAPO_NUM_PROCESSES")
@@ -111,7 +121,7 @@ def plan_initialization(env: Mapping[str, str] | None = None) -> Optional[_Plan]
         if num == 1 and mode not in _ON:
             return None
         kwargs = dict(coordinator_address=address, num_processes=num, process_id=pid,
-                      initialization_timeout=timeout)
+                      initialization_timeout=timeout, heartbeat_timeout_seconds=heartbeat)
         ids = env.get("TAPO_LOCAL_DEVICE_IDS")
         if ids:
             try:
@@ -120,7 +130,7 @@ def plan_initialization(env: Mapping[str, str] | None = None) -> Optional[_Plan]
                 raise ValueError(f"TAPO_LOCAL_DEVICE_IDS={ids!r} must be a comma list") from None
         return _Plan("env", kwargs)
 
-    auto = dict(initialization_timeout=timeout)
+    auto = dict(initialization_timeout=timeout, heartbeat_timeout_seconds=heartbeat)
     if (_int_env(env, "SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in env:
         return _Plan("slurm", auto)
     if (_int_env(env, "OMPI_COMM_WORLD_SIZE") or 1) > 1:
@@ -204,3 +214,92 @@ def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side collectives (every process calls them with the same arguments' shapes, in order)
+# --------------------------------------------------------------------------------------------
+
+
+def process_share(n: int) -> range:
+    """Indices of ``n`` items that this process handles: ``i`` with ``i % P == process``
+    (round-robin, so every process gets ``n // P`` or ``n // P + 1`` items)."""
+    import jax
+
+    return range(jax.process_index(), n, jax.process_count())
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable ``obj``, in process order (on every process).
+
+    Encoded as UTF-8 bytes padded to a power of two (a handful of gather shapes, so a handful of
+    compilations) and gathered with ``multihost_utils.process_allgather``.
+    """
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).reshape(-1)
+    width = 1 << max(int(sizes.max()) - 1, 0).bit_length()
+    buf = np.zeros((width,), np.uint8)
+    buf[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), width)
+    return [json.loads(rows[p, : sizes[p]].tobytes().decode()) for p in range(len(sizes))]
+
+
+def map_across_processes(fn: Callable[..., tuple], *columns: Sequence[Any]) -> tuple[list, ...]:
+    """``fn(*columns)`` computed in shares: each process applies ``fn`` to its items
+    (:func:`process_share`) and every process gets all results in item order.
+
+    ``fn`` takes per-item sequences and returns a tuple of per-item sequences of JSON values
+    (e.g. a reward function's ``(rewards, reasons)``); numpy arrays come back as lists.
+    """
+    n = len(columns[0])
+    if any(len(c) != n for c in columns):
+        raise ValueError("map_across_processes: columns of different lengths")
+    mine = list(process_share(n))
+    outs = fn(*([c[i] for i in mine] for c in columns))
+    local = [[_plain(v) for v in out] for out in outs]
+    if any(len(out) != len(mine) for out in local):
+        raise ValueError("map_across_processes: fn must return one value per item")
+    shares = allgather_objects(local)
+    P = len(shares)
+    return tuple([shares[i % P][k][i // P] for i in range(n)] for k in range(len(local)))
+
+
+def sum_across_processes(counters: Mapping[str, Any]) -> dict[str, Any]:
+    """Numbers summed over processes (nested dicts of numbers too, e.g. reason counts)."""
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            return {k: add(a.get(k, 0), b.get(k, 0)) for k in {**a, **b}}
+        return a + b
+
+    total: dict[str, Any] = {}
+    for part in allgather_objects(_plain(dict(counters))):
+        total = add(total, part)
+    return total
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name``."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists (JSON values)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -10,10 +10,16 @@ Per iteration (paper Algorithm 1):
 Host work (sampling orchestration, rewards, parsing, batch assembly) lives in
 :mod:`tapo_jax.train.rollout`; device work is four jitted functions built once: the teacher-forced
 log-prob forward, the advantage computation, the train step and the engine's decode loop.
+
+Several processes: the sampler and the reward function return the same (gathered) results on
+every process, so every process builds the same host batch; :func:`place_batch` turns it into
+global arrays sharded over the mesh (each process supplies its devices' rows), and every
+advantage group is complete before normalising.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -25,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tapo_jax.config import Config
+from tapo_jax.models import sharding as sharding_lib
 from tapo_jax.rl.advantages import tapo_advantages
 from tapo_jax.tapo.batch import Row, build_batch_arrays, power_of_two_buckets
 from tapo_jax.train import rollout
@@ -69,8 +76,10 @@ def _construction_budget(cfg: Config) -> int:
     return cfg.sampling.construction_max_new_tokens or 2 * cfg.sampling.max_new_tokens
 
 
-def make_advantage_fn(cfg: Config) -> Callable[[TrainBatch], tuple[jax.Array, jax.Array]]:
-    """Jitted ``batch -> (advantages, group_ids)`` (Eq. 4-5, DAE per ``rl.decoupled``)."""
+def make_advantage_fn(cfg: Config, mesh: Any = None
+                      ) -> Callable[[TrainBatch], tuple[jax.Array, jax.Array]]:
+    """Jitted ``batch -> (advantages, group_ids)`` (Eq. 4-5, DAE per ``rl.decoupled``); with
+    ``mesh``, both come back sharded like the batch rows."""
     rl = cfg.rl
 
     def adv_static(batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
@@ -81,19 +90,42 @@ def make_advantage_fn(cfg: Config) -> Callable[[TrainBatch], tuple[jax.Array, ja
             ref_group_includes_originals=rl.ref_group_includes_originals, eps=rl.adv_eps,
             std_normalize=rl.std_normalize, std_ddof=rl.std_ddof)
 
-    return jax.jit(adv_static)
+    if mesh is None:
+        return jax.jit(adv_static)
+    rows = sharding_lib.batch_sharding(mesh, 1)
+    return jax.jit(adv_static, out_shardings=(rows, rows))
 
 
-def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
-                   ) -> tuple[TrainBatch, Any]:
-    """Rows -> a bucketed TrainBatch (overlong rows keep their reward but train no tokens)."""
+def place_batch(arrays: Any, mesh: Any) -> Any:
+    """Host arrays (the same on every process) as global arrays with their leading dim over
+    ``("data", "fsdp")``: each process fills its own devices' rows from its copy."""
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(
+            x.shape, sharding_lib.batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+    return jax.tree.map(place, arrays)
+
+
+def _batch_arrays(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
+                  ) -> tuple[dict[str, np.ndarray], Any]:
+    """Host arrays of the bucketed batch (overlong rows keep their reward but train no tokens)
+    and its statistics (``response_tokens``: the tokens that train)."""
     rows_b, len_b = _buckets(cfg, mesh, cfg.train.batch_size)
     arrays, stats = build_batch_arrays(
         col.rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=len_b,
         row_buckets=rows_b, max_len=len_b[-1], row_multiple=_row_multiple(cfg, mesh))
     for i in col.overlong_masked:
         arrays["loss_mask"][i] = 0.0
-    return TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}), stats
+    return arrays, dataclasses.replace(stats, response_tokens=int(arrays["loss_mask"].sum()))
+
+
+def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
+                   ) -> tuple[TrainBatch, Any]:
+    """Rows -> a bucketed TrainBatch placed on ``mesh`` (overlong rows keep their reward but
+    train no tokens)."""
+    arrays, stats = _batch_arrays(col, cfg, mesh, pad_id)
+    return place_batch(TrainBatch(**arrays), mesh), stats
 
 
 def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int,
@@ -103,7 +135,7 @@ def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: 
     from tapo_jax.rl.train_step import OPSDBatch
 
     teacher_prompts = rollout.opsd_teacher_rows(col, encode)
-    student, stats = assemble_batch(col, cfg, mesh, pad_id)
+    student, stats = _batch_arrays(col, cfg, mesh, pad_id)
     t_rows, skipped = [], 0
     for r in col.rows:
         tp = teacher_prompts[r.query_index]
@@ -116,20 +148,19 @@ def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: 
     t_len = power_of_two_buckets(32, max(len_b[-1], -(-longest // 16) * 16))
     t_arr, _ = build_batch_arrays(
         t_rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=t_len,
-        row_buckets=(student.tokens.shape[0],), max_len=t_len[-1],
+        row_buckets=(student["tokens"].shape[0],), max_len=t_len[-1],
         row_multiple=_row_multiple(cfg, mesh))
-    s_mask = np.asarray(student.loss_mask).copy()
+    s_mask = student["loss_mask"]
     t_mask = t_arr["loss_mask"]
     for b, r in enumerate(col.rows):
         if teacher_prompts[r.query_index] is None or s_mask[b].sum() != t_mask[b].sum():
             s_mask[b] = 0.0
             t_mask[b] = 0.0
-    student = student.replace(loss_mask=jnp.asarray(s_mask))
-    batch = OPSDBatch(student=student, teacher_tokens=jnp.asarray(t_arr["tokens"]),
-                      teacher_positions=jnp.asarray(t_arr["positions"]),
-                      teacher_attention_mask=jnp.asarray(t_arr["attention_mask"]),
-                      teacher_loss_mask=jnp.asarray(t_mask))
-    return batch, stats, skipped
+    stats = dataclasses.replace(stats, response_tokens=int(s_mask.sum()))
+    batch = OPSDBatch(student=TrainBatch(**student), teacher_tokens=t_arr["tokens"],
+                      teacher_positions=t_arr["positions"],
+                      teacher_attention_mask=t_arr["attention_mask"], teacher_loss_mask=t_mask)
+    return place_batch(batch, mesh), stats, skipped
 
 
 def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, step: int,
@@ -158,7 +189,6 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         ref_lp, _ = fns["logprob"](ref_params, student)
         batch = batch.replace(student=student.replace(old_logprobs=lp, ref_logprobs=ref_lp))
         extra = {"opsd/skipped_rows": float(skipped)}
-        trained = student
     else:
         batch, bstats = assemble_batch(col, cfg, ctx.mesh, pad)
         old_lp, _ = fns["logprob"](state.params, batch)
@@ -167,7 +197,6 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
                               group_ids=gids)
         extra = {}
-        trained = batch
     jax.block_until_ready(batch)
     timings["time/logprobs"] = time.perf_counter() - t1
 
@@ -198,7 +227,7 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         "batch/padded_rows": float(bstats.rows),
         "batch/length": float(bstats.length),
         "batch/truncated_rows": float(bstats.truncated_rows),
-        "tokens/trained": float(np.asarray(trained.loss_mask).sum()),
+        "tokens/trained": float(bstats.response_tokens),
         "tokens/sampled": float(lengths.sum()),
         "tokens_per_s/sampling": float(lengths.sum() / max(timings["time/sampling"], 1e-9)),
         "tokens_per_s/total": float(lengths.sum() / max(timings["time/total"], 1e-9)),
@@ -225,7 +254,7 @@ def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
         "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step),
         "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size,
                                    temperature=t_roll),
-        "advantages": make_advantage_fn(cfg),
+        "advantages": make_advantage_fn(cfg, mesh),
     }
 
 

@@ -60,6 +60,18 @@ class Collected:
         default_factory=lambda: {"sampling": 0.0, "construction": 0.0})
 
 
+def score_across_processes(score: ScoreFn) -> ScoreFn:
+    """``score`` in shares: each process scores its share of the responses (with its own
+    worker pool) and every process gets all rewards and reasons, in order."""
+    from tapo_jax.train.distributed import map_across_processes
+
+    def shared(texts: list[str], golds: list[str]) -> tuple[np.ndarray, list[str]]:
+        rewards, reasons = map_across_processes(score, texts, golds)
+        return np.asarray(rewards, np.float32), [str(r) for r in reasons]
+
+    return shared
+
+
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 

@@ -128,7 +128,8 @@ def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: 
     oracle = arithmetic_oracle if cfg.data.kind == "arithmetic" else None
     t0 = time.time()
     problems = [_eval_problem(r, cfg) for r in records]
-    result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle)
+    result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle,
+                      score_fn=_shared_score(False), lenient_score_fn=_shared_score(True))
     result.settings["seconds"] = round(time.time() - t0, 1)
     from tapo_jax.train.distributed import is_main_process
 
@@ -138,6 +139,16 @@ def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: 
     log.info("eval %s: pass@1 %.3f ± %.3f (%.0fs)", name, p1.get("mean") or 0.0,
              p1.get("std") or 0.0, time.time() - t0)
     return result
+
+
+def _shared_score(lenient: bool):
+    """The math reward computed in shares across processes (the same on one process)."""
+    import functools
+
+    from tapo_jax.rewards.math import score
+    from tapo_jax.train.rollout import score_across_processes
+
+    return score_across_processes(functools.partial(score, lenient=lenient))
 
 
 def _eval_problem(record: Any, cfg: Config):
@@ -258,11 +269,14 @@ def run_training(cfg: Config) -> dict:
             summary["eval_before"] = before.pass_at_k
 
     fns = rl_loop.build_device_fns(cfg, policy.graphdef, policy.mesh)
-    ctx = rl_loop.LoopContext(
+    from tapo_jax.train.distributed import sum_across_processes
+    from tapo_jax.train.rollout import score_across_processes
+
+    ctx = rl_loop.LoopContext(  # rewards in shares, reward-pool counters summed: all processes
         graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
         sample_fn=policy.sample_fn, encode=policy.encode,
-        score=lambda texts, golds: verifier.score(texts, golds),
-        reward_stats=lambda: verifier.stats.as_dict())
+        score=score_across_processes(lambda texts, golds: verifier.score(texts, golds)),
+        reward_stats=lambda: sum_across_processes(verifier.stats.as_dict()))
 
     bar = progress_bar(cfg.train.steps, initial=start, desc=cfg.rl.algorithm,
                        enabled=cfg.train.progress)
@@ -330,20 +344,21 @@ def _prepare_run_dir(cfg: Config, out: Path) -> None:
     if cfg.train.resume:
         return
     earlier = [name for name in _RUN_OUTPUTS if (out / name).exists()]
-    if not earlier:
-        return
-    if not cfg.train.overwrite:
+    if earlier and not cfg.train.overwrite:
         raise ConfigError(
             f"train.output_dir {out} holds an earlier run ({', '.join(earlier)}); continue it "
             "with train.resume=true, replace it with train.overwrite=true, or choose another "
             "train.output_dir")
-    from tapo_jax.train.distributed import is_main_process
+    from tapo_jax.train.distributed import barrier, is_main_process
 
-    if is_main_process():
+    if earlier and is_main_process():
         for name in earlier:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    log.info("train.overwrite: removed the earlier run in %s", out)
+    # every process has looked (and process 0 cleared) before anyone writes the new run
+    barrier("tapo_jax.run_dir_checked")
+    if earlier:
+        log.info("train.overwrite: removed the earlier run in %s", out)
 
 
 def _reference_params(cfg: Config, policy: "Policy") -> Any:
