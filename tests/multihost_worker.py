@@ -113,11 +113,9 @@ def train(argv: list[str]) -> int:
     return main(["train", *argv])
 
 
-def sample(out_path: str) -> int:
-    """Tokens of 5 prompts x 3 samples of a tiny random Qwen3 on the whole (data, fsdp) mesh."""
-    from tapo_jax.train.distributed import initialize_distributed
-
-    initialize_distributed()
+def sampled_tokens(devices) -> dict:
+    """Completions of 5 prompts x 3 samples of a tiny random Qwen3 on a (1, -1, 1) mesh over
+    ``devices`` (every process's part of them, in several processes)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -128,18 +126,26 @@ def sample(out_path: str) -> int:
 
     cfg = load_config(str(ROOT / "configs/demo.yaml"),
                       ["model.preset=tiny", "model.vocab_size=128", "model.num_layers=1"])
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
     model = sharding.create_sharded_model(cfg.model, mesh, sharding.TRAIN_RULES, seed=3)
     graphdef, params = nnx.split(model, nnx.Param)
     sampler = Sampler(graphdef, params, mesh=mesh, num_slots=8, max_len=48)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 128, size=int(L)).tolist() for L in (5, 9, 3, 12, 7)]
     ro = sampler.generate(prompts, n=3, max_new_tokens=20, temperature=1.0, seed=11)
-    result = dict(process=jax.process_index(), processes=jax.process_count(),
-                  devices=jax.device_count(), local_devices=jax.local_device_count(),
-                  tokens=[t.tolist() for t in ro.tokens],
-                  logprobs=[lp.tolist() for lp in ro.logprobs],
-                  finish_reason=list(ro.finish_reason))
+    return dict(processes=jax.process_count(), devices=len(devices),
+                local_devices=jax.local_device_count(), tokens=[t.tolist() for t in ro.tokens],
+                logprobs=[lp.tolist() for lp in ro.logprobs], finish_reason=ro.finish_reason)
+
+
+def sample(out_path: str) -> int:
+    """:func:`sampled_tokens` over every device of every process, written per process."""
+    from tapo_jax.train.distributed import initialize_distributed
+
+    initialize_distributed()
+    import jax
+
+    result = sampled_tokens(jax.devices())
     Path(out_path).with_suffix(f".p{jax.process_index()}.json").write_text(json.dumps(result))
     return 0
 

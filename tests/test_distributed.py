@@ -316,3 +316,28 @@ def test_gpu_launcher_default_xla_flags_exist_in_this_xla(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=50)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_host_collectives_on_one_process():
+    """One process: the share is every item, the gathers return this process's values."""
+    import numpy as np
+
+    from tapo_jax.train.distributed import (allgather_objects, map_across_processes,
+                                            process_share, sum_across_processes)
+
+    assert list(process_share(5)) == [0, 1, 2, 3, 4]
+    assert allgather_objects({"a": [1, 2.5, "x"]}) == [{"a": [1, 2.5, "x"]}]
+    seen = []
+
+    def score(texts, golds):
+        seen.append(list(texts))
+        return np.asarray([float(t == g) for t, g in zip(texts, golds)], np.float32), \
+            [f"r{t}" for t in texts]
+
+    rewards, reasons = map_across_processes(score, ["1", "2", "3"], ["1", "0", "3"])
+    assert rewards == [1.0, 0.0, 1.0] and reasons == ["r1", "r2", "r3"]
+    assert seen == [["1", "2", "3"]]
+    assert sum_across_processes({"items": 3, "reasons": {"wrong": 2}}) == {
+        "items": 3, "reasons": {"wrong": 2}}
+    with pytest.raises(ValueError, match="one value per item"):
+        map_across_processes(lambda t: ([1],), ["a", "b"])

@@ -196,6 +196,9 @@ def _shutdown_at_exit() -> None:
 
     def exit_on_failure(*exc_info) -> None:
         previous_hook(*exc_info)
+        print(f"tapo-jax: process {jax.process_index()} of {jax.process_count()} stops after "
+              f"{exc_info[0].__name__}: {exc_info[1]} (a failed collective usually means that "
+              "another process died first: see its log)", file=sys.stderr)
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
