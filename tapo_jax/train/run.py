@@ -145,7 +145,7 @@ def _shared_score(lenient: bool):
     """The math reward computed in shares across processes (the same on one process)."""
     import functools
 
-    from tapo_jax.rewards.math import score
+    from tapo_jax.rewards.verifier import score
     from tapo_jax.train.rollout import score_across_processes
 
     return score_across_processes(functools.partial(score, lenient=lenient))
