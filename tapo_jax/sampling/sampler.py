@@ -269,10 +269,10 @@ def local_mesh(mesh: Mesh) -> Mesh:
 def local_params(params: Any, mesh: Mesh) -> Any:
     """``params`` as arrays on ``mesh`` (process-local), laid out by the sampling rules.
 
-    Params held only by this process's devices (or abstract ones) are returned as they are (the
-    engine's copy places them). Params of a mesh that spans processes are first resharded on their own mesh to
-    the sampling rules (one jitted copy: each device then holds what a sampling device needs),
-    then each leaf is rebuilt on ``mesh`` from this process's shards.
+    Params held only by this process's devices (or abstract ones) are returned as they are
+    (the engine's copy places them). Params of a mesh that spans processes are first resharded
+    on their own mesh to the sampling rules (one jitted copy: each device then holds what a
+    sampling device needs), then each leaf is rebuilt on ``mesh`` from this process's shards.
     """
     leaves = jax.tree.leaves(params)
     if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
