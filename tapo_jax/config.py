@@ -131,6 +131,9 @@ class RLConfig:
     # Regularisers
     kl_coef: float = 0.0
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    # with kl_coef = 0 the KL is only measured: the reference forward (and the ``kl`` metric)
+    # runs on every kl_every-th step (1 = every step)
+    kl_every: int = 10
     entropy_coef: float = 0.0
     # Peer options
     dynamic_sampling: bool = False  # skip groups with zero reward spread, refill the batch
@@ -497,6 +500,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(r.dual_clip_c is None or r.dual_clip_c > 1, source, "rl.dual_clip_c", "must be > 1")
     _require(0 < r.w_min <= r.w_max, source, "rl.w_min", "must satisfy 0 < w_min <= w_max")
     _require(r.kl_coef >= 0, source, "rl.kl_coef", "must be >= 0")
+    _require(r.kl_every >= 1, source, "rl.kl_every", "must be >= 1")
     _require(0 <= r.opsd_beta <= 1, source, "rl.opsd_beta", "must be in [0, 1]")
     _require(r.std_ddof in (0, 1), source, "rl.std_ddof", "must be 0 or 1")
     o = cfg.optim

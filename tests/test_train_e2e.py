@@ -55,7 +55,10 @@ def test_cold_start_then_tapo(tmp_path):
     summary, records = _run(tmp_path, "tapo", "cold_start.enabled=true",
                             "eval.before_and_after=true", "train.export_hf=true")
     assert [r["step"] for r in records] == [1, 2]
-    for key in ("accuracy", "pg_loss_orig", "kl", "grad_norm", "num_ref_tokens",
+    # kl_coef 0: the KL is measured on every rl.kl_every-th step (10: on step index 0 only)
+    assert [r["kl_measured"] for r in records] == [1.0, 0.0] and "kl" not in records[-1]
+    assert np.isfinite(records[0]["kl"])
+    for key in ("accuracy", "pg_loss_orig", "grad_norm", "num_ref_tokens",
                 "response_length_mean", "tapo/zpd_eligible_share", "time/sampling",
                 "time/update", "learning_rate"):
         assert key in records[-1], key
@@ -321,3 +324,46 @@ def test_overlong_filter_masks_truncated_rollouts(overlong_filter):
                                       policy.tokenizer.pad_token_id)
     trained = np.asarray(batch.loss_mask).sum(1)[: len(col.rows)] > 0
     assert trained.tolist() == [True, True, True, not overlong_filter] * 2
+
+
+def test_cheaper_iteration_gives_the_update_of_the_full_one():
+    """The update computes its own old log-probs (one update per batch) and, with kl_coef 0, the
+    reference forward is skipped off the kl_every steps: the params after one TAPO step equal
+    those of the full path (separate old and reference forwards)."""
+    import dataclasses
+
+    from tapo_jax.train import rl_loop
+    from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
+
+    cfg = load_config("configs/demo.yaml", TINY + [
+        "rl.num_samples=8", "rl.n_pos=2", "rl.n_neg=4", "rl.m_max=3", "train.batch_size=4",
+        "sampling.max_new_tokens=48", "sampling.max_prompt_len=32",
+        "rl.ref_group_includes_originals=true", "rl.kl_every=2"])
+    policy, problems, _, ctx, _ = _scripted_context(cfg, [2, 3, 8, 0])
+    cfg = policy.cfg
+    init = rl_loop.copy_params(policy.params)
+    tx = make_optimizer(*optim_config_for(cfg, "rl"))
+    out = {}
+    for name, own, every in (("full", False, 1), ("cheap", None, 2)):
+        run_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, kl_every=every))
+        fns = rl_loop.build_device_fns(run_cfg, policy.graphdef, policy.mesh,
+                                       old_from_update=own)
+        assert fns["on_policy"] == (name == "cheap")
+        state, _ = train_state_from_params(rl_loop.copy_params(init), tx, policy.mesh)
+        state, metrics, _ = rl_loop.rl_iteration(
+            run_cfg, ctx, state=state, ref_params=rl_loop.copy_params(init), step=1,
+            records=[p.record() for p in problems], more_records=lambda: [], fns=fns,
+            sampler_params=state.params)
+        out[name] = (jax.tree.map(np.asarray, jax.device_get(state.params)), metrics)
+    (full, m_full), (cheap, m_cheap) = out["full"], out["cheap"]
+    assert m_full["kl_measured"] == 1.0 and "kl" in m_full
+    assert m_cheap["kl_measured"] == 0.0 and "kl" not in m_cheap
+    assert m_full["num_ref_tokens"] == m_cheap["num_ref_tokens"] > 0
+    np.testing.assert_allclose(m_cheap["loss"], m_full["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m_cheap["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+    moved = 0.0
+    for a, b, p0 in zip(jax.tree.leaves(cheap), jax.tree.leaves(full),
+                        jax.tree.leaves(jax.device_get(init))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float(np.abs(b - p0).max()))
+    assert moved > 1e-4  # the step moved the params, so the comparison is not vacuous

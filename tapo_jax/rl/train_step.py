@@ -210,13 +210,15 @@ def _rl_prepare(batch: TrainBatch, cfg: Config) -> TrainBatch:
     return batch
 
 
-def _rl_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperature: float, mesh):
+def _rl_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperature: float, mesh,
+                on_policy: bool = False):
     denominators = objective.tapo_loss_denominators(full, cfg.rl)
 
     def loss_fn(params, mb: TrainBatch):
         lp, ent = token_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
                                  chunk_size=chunk, temperature=temperature, mesh=mesh)
-        terms = objective.tapo_loss_terms(lp, mb.old_logprobs, ent, mb, cfg.rl)
+        old = jax.lax.stop_gradient(lp) if on_policy else mb.old_logprobs
+        terms = objective.tapo_loss_terms(lp, old, ent, mb, cfg.rl)
         return objective.loss_from_terms(terms, cfg.rl, denominators), terms
 
     def finish(terms):
@@ -305,7 +307,8 @@ _KINDS = {"rl": _rl_loss_fn, "sft": _sft_loss_fn, "opsd": _opsd_loss_fn}
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh, *,
                     kind: Literal["rl", "sft", "opsd"] = "rl", rules: Any = None,
                     chunk_size: int = DEFAULT_VOCAB_CHUNK, temperature: float = 1.0,
-                    donate: bool = True) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    donate: bool = True, on_policy: bool = False
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """The jitted step ``(state, batch) -> (new_state, metrics)``.
 
     Args:
@@ -322,6 +325,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh, *,
       temperature: logits are divided by it before log-probs and entropies (use the same value
         in :func:`make_logprob_fn` for the old log-probs).
       donate: donate the input state's buffers to the output.
+      on_policy: (``rl``) the old log-probs are the step's own forward, stop-gradient, and
+        ``batch.old_logprobs`` is not read. Exact when the batch was sampled with the state's
+        params and gets a single update (``ppo_epochs = mini_batches = 1``): the old policy is
+        then the current one, and this saves the separate teacher-forced forward.
 
     Batch rows must be divisible by ``data * fsdp`` mesh devices and by the micro-batch size.
     """
@@ -334,6 +341,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh, *,
     batch_sh = NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     build_loss = _KINDS[kind]
+    if on_policy:
+        if kind != "rl":
+            raise ValueError(f"on_policy applies to kind 'rl', got {kind!r}")
+        build_loss = functools.partial(_rl_loss_fn, on_policy=True)
     micro_batch_size = cfg.train.micro_batch_size
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:

@@ -5,7 +5,16 @@ Per iteration (paper Algorithm 1):
     sample K per query -> rewards -> [TAPO] DCS -> construction prompts through the same engine
     -> parse + reward constructions -> old log-probs by a teacher-forced forward of every sequence
     (constructions are scored on (x, y_ref), never on the synthesis prompt) -> reference log-probs
-    (KL is always measured) -> advantages (DAE) -> update -> hand new params to the engine.
+    -> advantages (DAE) -> update -> hand new params to the engine.
+
+Forwards skipped when they cannot change the update:
+
+- old log-probs: with one update per rollout batch (``train.ppo_epochs = train.mini_batches =
+  1``) the old policy is the state's params, so the update uses its own forward, stop-gradient,
+  as the old log-probs (``make_train_step(on_policy=True)``: the same values, one forward less);
+- reference log-probs: with ``rl.kl_coef = 0`` the KL term is only measured, so the reference
+  forward runs on every ``rl.kl_every``-th step only, and the ``kl`` metric is logged on those
+  steps only (``kl_measured`` says which).
 
 Host work (sampling orchestration, rewards, parsing, batch assembly) lives in
 :mod:`tapo_jax.train.rollout`; device work is four jitted functions built once: the teacher-forced
@@ -161,12 +170,19 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         trained = student
     else:
         batch, bstats = assemble_batch(col, cfg, ctx.mesh, pad)
-        old_lp, _ = fns["logprob"](state.params, batch)
-        ref_lp, _ = fns["logprob"](ref_params, batch)
+        unused = jnp.zeros(batch.tokens.shape, jnp.float32)  # a forward the update does not read
+        old_lp = unused if fns["on_policy"] else jax.block_until_ready(
+            fns["logprob"](state.params, batch)[0])
+        timings["time/logprobs_old"] = time.perf_counter() - t1
+        t_ref = time.perf_counter()
+        kl_measured = measures_kl(cfg, step)
+        ref_lp = jax.block_until_ready(
+            fns["logprob"](ref_params, batch)[0]) if kl_measured else unused
+        timings["time/logprobs_ref"] = time.perf_counter() - t_ref
         adv, gids = fns["advantages"](batch)
         batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
                               group_ids=gids)
-        extra = {}
+        extra = {"kl_measured": float(kl_measured)}
         trained = batch
     jax.block_until_ready(batch)
     timings["time/logprobs"] = time.perf_counter() - t1
@@ -176,6 +192,8 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
                                      ppo_epochs=cfg.train.ppo_epochs,
                                      mini_batches=cfg.train.mini_batches)
     metrics = {k: float(v) for k, v in jax.device_get(average_metrics(history)).items()}
+    if extra.get("kl_measured") == 0.0:
+        metrics.pop("kl", None)  # measured against no reference this step
     if metrics.get("num_ref_tokens", 0.0) == 0.0:
         # no reflection token in this batch: the OTS statistics and the reflection loss are
         # undefined (the step reports them as 0); leave them out rather than log a fake 0
@@ -213,7 +231,21 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     return state, metrics, col.examples
 
 
-def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
+def on_policy(cfg: Config) -> bool:
+    """One update per rollout batch: the old log-probs are the update's own forward."""
+    return cfg.rl.algorithm != "opsd" and cfg.train.ppo_epochs == 1 and (
+        cfg.train.mini_batches == 1)
+
+
+def measures_kl(cfg: Config, step: int) -> bool:
+    """Whether step ``step`` runs the reference forward (always when the KL is optimised)."""
+    return cfg.rl.kl_coef != 0 or step % cfg.rl.kl_every == 0
+
+
+def build_device_fns(cfg: Config, graphdef: Any, mesh: Any, *,
+                     old_from_update: bool | None = None) -> dict:
+    """Jitted step, log-prob forward and advantages. ``old_from_update``: the update computes
+    the old log-probs itself (default :func:`on_policy`; False forces the separate forward)."""
     from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
 
     kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
@@ -221,8 +253,11 @@ def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
     # gradient are then those of the distribution the rollouts were drawn from
     t_roll = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
     t_step = cfg.rl.opsd_temperature if kind == "opsd" else t_roll
+    own = on_policy(cfg) if old_from_update is None else old_from_update
     return {
-        "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step),
+        "on_policy": own,
+        "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step,
+                                on_policy=own),
         "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size,
                                    temperature=t_roll),
         "advantages": make_advantage_fn(cfg),
