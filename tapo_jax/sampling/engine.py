@@ -173,8 +173,11 @@ class Engine:
         if sig != self._params_sig:  # other dtypes: another set of compilations
             self._params_sig, self._local = sig, {}
 
-    def init_decode_state(self, stop_ids: Sequence[int] = ()) -> DecodeState:
-        S, E = self.num_slots, self.max_stop_ids
+    def init_decode_state(self, stop_ids: Sequence[int] = (),
+                          num_slots: Optional[int] = None) -> DecodeState:
+        """Empty decode state of ``num_slots`` slots (default all; fewer decode fewer rows per
+        step: use a :meth:`row_bucket` for few requests, so compilations stay bounded)."""
+        S, E = num_slots or self.num_slots, self.max_stop_ids
         stops = np.full((E,), -1, np.int32)
         stops[: len(stop_ids)] = stop_ids
         state = DecodeState(
@@ -188,10 +191,9 @@ class Engine:
         return jax.device_put(state, self._state_shardings(state))
 
     def _state_shardings(self, state: DecodeState) -> DecodeState:
-        slot = sharding_lib.logical_sharding(self.mesh, ("batch",), self.rules,
-                                             (self.num_slots,))
-        slot2 = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules,
-                                              (self.num_slots, 2))
+        S = state.done.shape[0]
+        slot = sharding_lib.logical_sharding(self.mesh, ("batch",), self.rules, (S,))
+        slot2 = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules, (S, 2))
         rep = sharding_lib.logical_sharding(self.mesh, (None,), self.rules, (self.max_stop_ids,))
         return DecodeState(
             cache=sharding_lib.cache_shardings(state.cache, self.mesh, self.rules),
