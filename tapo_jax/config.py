@@ -203,6 +203,9 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per micro-batch; 0 = whole batch
     ppo_epochs: int = 1
     mini_batches: int = 1
+    # rows packed end to end in rows of twice the batch length (segment ids keep them apart): the
+    # forwards and the update skip most padding (tapo_jax.rl.packing); needs mini_batches = 1
+    packing: bool = False
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint_every: int = 50
@@ -521,6 +524,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(t.micro_batch_size >= 0, source, "train.micro_batch_size", "must be >= 0")
     _require(t.ppo_epochs >= 1, source, "train.ppo_epochs", "must be >= 1")
     _require(t.mini_batches >= 1, source, "train.mini_batches", "must be >= 1")
+    _require(not t.packing or t.mini_batches == 1, source, "train.packing",
+             "needs train.mini_batches = 1 (a packed batch is not split into mini-batches)")
     _require(t.checkpoint_every >= 1, source, "train.checkpoint_every", "must be >= 1")
     _require(t.keep_checkpoints >= 1, source, "train.keep_checkpoints", "must be >= 1")
     e = cfg.eval

@@ -17,6 +17,7 @@ Letters: B rows, T row length, R packed rows, L packed length, M micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import flax.struct
 import jax
@@ -123,3 +124,23 @@ def unpack(x: jax.Array, index: jax.Array, valid: jax.Array | None = None) -> ja
     if valid is None:
         return out
     return jnp.where(valid.reshape(valid.shape + (1,) * (out.ndim - 2)), out, 0)
+
+
+def micro_batches(rows: int, micro_batch_size: int) -> int:
+    """M as the train step and the log-prob forward split ``rows`` (``train.micro_batch_size``)."""
+    if micro_batch_size <= 0 or micro_batch_size >= rows:
+        return 1
+    return rows // micro_batch_size
+
+
+def pack_batch(batch: Any, *, micro_batch_size: int = 0, row_multiple: int = 1,
+               rows_per_pack: int = 2) -> tuple[Any, PackingStats]:
+    """``batch`` (a TrainBatch of host or device arrays) with its :class:`Packing` attached:
+    packed rows of ``rows_per_pack`` times the batch's T (rows longer than half of T then still
+    pair up), micro-batches as the step will split it."""
+    tokens = np.asarray(batch.tokens)
+    p, stats = pack(tokens, np.asarray(batch.attention_mask),
+                    length=rows_per_pack * tokens.shape[1],
+                    groups=micro_batches(tokens.shape[0], micro_batch_size),
+                    row_multiple=row_multiple)
+    return batch.replace(packing=jax.tree.map(jnp.asarray, p)), stats

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tapo_jax.config import Config
+from tapo_jax.rl import packing
 from tapo_jax.rl.advantages import tapo_advantages
 from tapo_jax.tapo.batch import Row, build_batch_arrays, power_of_two_buckets
 from tapo_jax.train import rollout
@@ -102,7 +103,29 @@ def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
         row_buckets=rows_b, max_len=len_b[-1], row_multiple=_row_multiple(cfg, mesh))
     for i in col.overlong_masked:
         arrays["loss_mask"][i] = 0.0
-    return TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}), stats
+    batch = TrainBatch(**arrays)
+    if cfg.train.packing:
+        batch, _ = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
+                                      row_multiple=_dp(mesh))
+    return jax.tree.map(jnp.asarray, batch), stats
+
+
+def _dp(mesh: Any) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def padding_metrics(batch: TrainBatch, cfg: Config, mesh: Any) -> dict[str, float]:
+    """Share of padded tokens in the update batch without and with packing (whichever runs)."""
+    am = np.asarray(batch.attention_mask)
+    if batch.packing is not None:
+        packed = int(np.prod(batch.packing.tokens.shape))
+    else:
+        packed = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
+                                    row_multiple=_dp(mesh))[1].packed_tokens
+    real = float(am.sum())
+    return {"tokens/padded_share_unpacked": 1.0 - real / max(am.size, 1),
+            "tokens/padded_share_packed": 1.0 - real / max(packed, 1),
+            "batch/packed": float(batch.packing is not None)}
 
 
 def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int,
@@ -134,7 +157,14 @@ def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: 
             s_mask[b] = 0.0
             t_mask[b] = 0.0
     student = student.replace(loss_mask=jnp.asarray(s_mask))
-    batch = OPSDBatch(student=student, teacher_tokens=jnp.asarray(t_arr["tokens"]),
+    t_pack = None
+    if cfg.train.packing:
+        t_pack = jax.tree.map(jnp.asarray, packing.pack(
+            t_arr["tokens"], t_arr["attention_mask"], length=2 * t_arr["tokens"].shape[1],
+            groups=packing.micro_batches(len(t_mask), cfg.train.micro_batch_size),
+            row_multiple=_dp(mesh))[0])
+    batch = OPSDBatch(student=student, teacher_packing=t_pack,
+                      teacher_tokens=jnp.asarray(t_arr["tokens"]),
                       teacher_positions=jnp.asarray(t_arr["positions"]),
                       teacher_attention_mask=jnp.asarray(t_arr["attention_mask"]),
                       teacher_loss_mask=jnp.asarray(t_mask))
@@ -207,6 +237,7 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     lengths = col.response_lengths
     metrics.update(timings)
     metrics.update(extra)
+    metrics.update(padding_metrics(trained, cfg, ctx.mesh))
     metrics.update({
         "accuracy": float(col.rewards.mean()),
         "response_length_mean": float(lengths.mean()),
