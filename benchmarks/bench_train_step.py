@@ -42,6 +42,9 @@ measures the loop without its cheaper paths (a separate old-log-prob forward, th
 forward on every step); the default ``cheap`` runs the loop's defaults (the update's own forward
 as old log-probs, the reference forward every ``rl.kl_every`` steps when ``rl.kl_coef = 0``;
 the timed iterations then skip it).
+``--packing true`` sets ``train.packing`` (update batches packed, ``tapo_jax.rl.packing``);
+every iteration line reports the update batch's padded-token share without and with packing
+(``tokens/padded_share_unpacked``, ``tokens/padded_share_packed``).
 
 The machine may be shared: each line carries the 1-minute load average at the start and end of
 its run and the CPU count; the iteration case also reports process CPU seconds per iteration
@@ -303,7 +306,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
     full = args.path == "full"
     cfg = _config(args, args.algorithm, [
         f"train.batch_size={args.queries}", f"sampling.num_slots={args.slots}",
-        "rl.dynamic_sampling=false"] + (["rl.kl_every=1"] if full else []))
+        "rl.dynamic_sampling=false", f"train.packing={str(args.packing).lower()}"]
+        + (["rl.kl_every=1"] if full else []))
     policy = Policy(cfg)
     cfg = policy.cfg
     problems = make_splits(cfg.data, cfg.train.seed)[0]
@@ -348,7 +352,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
         return round(statistics.fmean(m.get(k, 0.0) for m in timed), 4)
 
     sampler = policy.sampler()
-    out = dict(case="iteration", algorithm=args.algorithm, path=args.path,
+    out = dict(case="iteration", algorithm=args.algorithm, path=args.path, packing=args.packing,
                device=jax.devices()[0].device_kind,
                preset=args.preset, queries=Q, samples_per_query=cfg.rl.num_samples,
                max_new_tokens=cfg.sampling.max_new_tokens,
@@ -364,7 +368,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
                 for k in ("total", "sampling", "construction", "other")})
     for k in ("batch/rows", "batch/padded_rows", "batch/length", "tokens/trained",
               "tokens/sampled", "tapo/constructions_attempted", "tapo/constructions_parsed",
-              "tapo/zpd_eligible_share", "kl_measured"):
+              "tapo/zpd_eligible_share", "kl_measured", "tokens/padded_share_unpacked",
+              "tokens/padded_share_packed"):
         if k in timed[-1]:
             out[k] = mean(k)
     out["sampler_compile_counts"] = sampler.compile_counts
@@ -385,7 +390,8 @@ def _check_backend(args: argparse.Namespace) -> None:
 
 
 _FORWARD = ("device", "preset", "rows", "length", "prompt_len", "micro_batch", "warmup",
-            "steps", "peak_tflops", "queries", "slots", "warmup_iters", "iters", "path")
+            "steps", "peak_tflops", "queries", "slots", "warmup_iters", "iters", "path",
+            "packing")
 
 
 def _child(args: argparse.Namespace, case: str, algorithm: str) -> dict:
@@ -431,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="iteration: 'full' runs the separate old-log-prob forward and the "
                         "reference forward every step (rl.kl_every=1), as before the cheaper "
                         "paths; 'cheap' (default) the loop's defaults")
+    p.add_argument("--packing", type=lambda v: v.lower() in ("1", "true", "yes"),
+                   default=False, help="iteration: train.packing (true/false)")
     p.add_argument("--child", choices=("train_step", "iteration"), help=argparse.SUPPRESS)
     p.add_argument("--algorithm", choices=("grpo", "tapo"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -482,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                       "update", "total_ex_compile"):
                 ratio[f"tapo_minus_grpo_time/{k}"] = round(t[f"time/{k}"] - g[f"time/{k}"], 4)
             ratio["path"] = args.path
+            ratio["packing"] = args.packing
             ratio["phase_seconds"] = {  # per-phase table, seconds per iteration
                 k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
                 for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
