@@ -131,6 +131,9 @@ class RLConfig:
     # Regularisers
     kl_coef: float = 0.0
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    # with kl_coef = 0 the KL is only measured: the reference forward (and the ``kl`` metric)
+    # runs on every kl_every-th step (1 = every step)
+    kl_every: int = 10
     entropy_coef: float = 0.0
     # Peer options
     dynamic_sampling: bool = False  # skip groups with zero reward spread, refill the batch
@@ -200,6 +203,9 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per micro-batch; 0 = whole batch
     ppo_epochs: int = 1
     mini_batches: int = 1
+    # rows packed end to end in rows of twice the batch length (segment ids keep them apart): the
+    # forwards and the update skip most padding (tapo_jax.rl.packing); needs mini_batches = 1
+    packing: bool = False
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint_every: int = 50
@@ -497,6 +503,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(r.dual_clip_c is None or r.dual_clip_c > 1, source, "rl.dual_clip_c", "must be > 1")
     _require(0 < r.w_min <= r.w_max, source, "rl.w_min", "must satisfy 0 < w_min <= w_max")
     _require(r.kl_coef >= 0, source, "rl.kl_coef", "must be >= 0")
+    _require(r.kl_every >= 1, source, "rl.kl_every", "must be >= 1")
     _require(0 <= r.opsd_beta <= 1, source, "rl.opsd_beta", "must be in [0, 1]")
     _require(r.std_ddof in (0, 1), source, "rl.std_ddof", "must be 0 or 1")
     o = cfg.optim
@@ -517,6 +524,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(t.micro_batch_size >= 0, source, "train.micro_batch_size", "must be >= 0")
     _require(t.ppo_epochs >= 1, source, "train.ppo_epochs", "must be >= 1")
     _require(t.mini_batches >= 1, source, "train.mini_batches", "must be >= 1")
+    _require(not t.packing or t.mini_batches == 1, source, "train.packing",
+             "needs train.mini_batches = 1 (a packed batch is not split into mini-batches)")
     _require(t.checkpoint_every >= 1, source, "train.checkpoint_every", "must be >= 1")
     _require(t.keep_checkpoints >= 1, source, "train.keep_checkpoints", "must be >= 1")
     e = cfg.eval

@@ -8,6 +8,8 @@ Rows are right-padded (prompt, then response, then padding).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 
@@ -26,3 +28,6 @@ class TrainBatch:
     advantages: jax.Array  # float32[B]    filled by rl.group_advantages before the update
     old_logprobs: jax.Array  # float32[B, T] rollout-policy log-probs (teacher-forced)
     ref_logprobs: jax.Array  # float32[B, T] reference-policy log-probs (zeros when unused)
+    # the rows packed end to end (tapo_jax.rl.packing.Packing; train.packing), or None: forwards
+    # then run on the packed rows and map back to this [B, T] layout
+    packing: Any = None

@@ -16,7 +16,7 @@ from flax import nnx
 from tapo_jax.config import MeshConfig
 from tapo_jax.models import load_hf
 from tapo_jax.models.sharding import make_mesh
-from tapo_jax.sampling import Sampler
+from tapo_jax.sampling import Sampler, generate
 from tapo_jax.sampling.engine import Engine
 
 TIED = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
@@ -232,6 +232,25 @@ def test_compilations_are_bounded(slot_runs, tied):
     assert first["prefill"] <= before["prefill"] + 3  # at most the row buckets 1, 2, 4
     sampler.generate(other[::-1] + [[9, 8, 7]], **dict(SLOT_KW, seed=5))
     assert sampler.compile_counts == first
+
+
+def test_compilations_are_shared_across_samplers(tied):
+    """One-shot generate() twice with the same shapes compiles once; a new Sampler over the same
+    model reuses the compilations; other shapes compile (and are counted)."""
+    _, model, _ = tied
+    kw = dict(n=2, max_new_tokens=5, temperature=0.8, top_p=0.9, seed=4)  # cache of 12 + 5
+    first = generate(model, PROMPTS, **kw)
+    assert first.stats["compile_counts"].keys() >= {"prefill", "insert", "generate"}
+    second = generate(model, PROMPTS, **kw)
+    assert second.stats["compilations"] == 0 and second.stats["compile_counts"] == {}
+    assert_same_rollouts(first, second)
+    graphdef, params = nnx.split(model, nnx.Param)
+    same = Sampler(graphdef, params, num_slots=8, max_len=17)
+    assert_same_rollouts(first, same.generate(PROMPTS, **kw))
+    assert same.compile_counts == {}
+    other = Sampler(graphdef, params, num_slots=8, max_len=18)
+    other.generate(PROMPTS, **kw)
+    assert other.compile_counts["generate"] >= 1 and "copy" not in other.compile_counts
 
 
 def test_attend_buckets(tied):

@@ -55,7 +55,10 @@ def test_cold_start_then_tapo(tmp_path):
     summary, records = _run(tmp_path, "tapo", "cold_start.enabled=true",
                             "eval.before_and_after=true", "train.export_hf=true")
     assert [r["step"] for r in records] == [1, 2]
-    for key in ("accuracy", "pg_loss_orig", "kl", "grad_norm", "num_ref_tokens",
+    # kl_coef 0: the KL is measured on every rl.kl_every-th step (10: on step index 0 only)
+    assert [r["kl_measured"] for r in records] == [1.0, 0.0] and "kl" not in records[-1]
+    assert np.isfinite(records[0]["kl"])
+    for key in ("accuracy", "pg_loss_orig", "grad_norm", "num_ref_tokens",
                 "response_length_mean", "tapo/zpd_eligible_share", "time/sampling",
                 "time/update", "learning_rate"):
         assert key in records[-1], key
@@ -122,9 +125,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     assert [r["step"] for r in resumed] == [1, 2, 3]
     a, b = straight[-1], resumed[-1]
     assert a["learning_rate"] < 3e-3  # the cosine schedule has moved
-    for key in ("loss", "accuracy", "grad_norm", "kl", "learning_rate", "response_length_mean",
+    for key in ("loss", "accuracy", "grad_norm", "learning_rate", "response_length_mean",
                 "tokens/sampled"):
         assert a[key] == b[key], key
+    for x, y in zip(straight, resumed):  # KL is measured on the rl.kl_every steps, the same ones
+        assert x.get("kl") == y.get("kl") and x.get("kl_measured") == y.get("kl_measured")
     # the checkpoint holds the run's PRNG key: resuming under another seed is refused
     with pytest.raises(ConfigError, match="train.seed"):
         _run(tmp_path, "resumed", "train.steps=4", "train.resume=true", "train.seed=1")
@@ -273,7 +278,7 @@ def test_scripted_opsd_iteration_distills_from_the_solution_prompt(tmp_path):
     pad = policy.tokenizer.pad_token_id
     col = rollout.collect([p.record() for p in problems], cfg=cfg, tokenizer=policy.tokenizer,
                           step=0, sample=sample, score=ctx.score, encode=encode)
-    batch, _, skipped = rl_loop.assemble_opsd_batch(col, cfg, policy.mesh, pad, encode)
+    batch, _, skipped, _ = rl_loop.assemble_opsd_batch(col, cfg, policy.mesh, pad, encode)
     assert skipped == 4  # the 4 rollouts of the query with no correct answer
     s_mask = np.asarray(batch.student.loss_mask)
     t_mask = np.asarray(batch.teacher_loss_mask)
@@ -317,7 +322,102 @@ def test_overlong_filter_masks_truncated_rollouts(overlong_filter):
                           tokenizer=policy.tokenizer, step=0, sample=sample, score=ctx.score,
                           encode=encode)
     assert col.truncated.tolist() == [False, False, False, True] * 2
-    batch, _ = rl_loop.assemble_batch(col, policy.cfg, policy.mesh,
+    batch, _, _ = rl_loop.assemble_batch(col, policy.cfg, policy.mesh,
                                       policy.tokenizer.pad_token_id)
     trained = np.asarray(batch.loss_mask).sum(1)[: len(col.rows)] > 0
     assert trained.tolist() == [True, True, True, not overlong_filter] * 2
+
+
+def test_cheaper_iteration_gives_the_update_of_the_full_one():
+    """The update computes its own old log-probs (one update per batch) and, with kl_coef 0, the
+    reference forward is skipped off the kl_every steps: the params after one TAPO step equal
+    those of the full path (separate old and reference forwards)."""
+    import dataclasses
+
+    from tapo_jax.train import rl_loop
+    from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
+
+    cfg = load_config("configs/demo.yaml", TINY + [
+        "rl.num_samples=8", "rl.n_pos=2", "rl.n_neg=4", "rl.m_max=3", "train.batch_size=4",
+        "sampling.max_new_tokens=48", "sampling.max_prompt_len=32",
+        "rl.ref_group_includes_originals=true", "rl.kl_every=2"])
+    policy, problems, _, ctx, _ = _scripted_context(cfg, [2, 3, 8, 0])
+    cfg = policy.cfg
+    init = rl_loop.copy_params(policy.params)
+    tx = make_optimizer(*optim_config_for(cfg, "rl"))
+    out = {}
+    for name, own, every in (("full", False, 1), ("cheap", None, 2)):
+        run_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, kl_every=every))
+        fns = rl_loop.build_device_fns(run_cfg, policy.graphdef, policy.mesh,
+                                       old_from_update=own)
+        assert fns["on_policy"] == (name == "cheap")
+        state, _ = train_state_from_params(rl_loop.copy_params(init), tx, policy.mesh)
+        state, metrics, _ = rl_loop.rl_iteration(
+            run_cfg, ctx, state=state, ref_params=rl_loop.copy_params(init), step=1,
+            records=[p.record() for p in problems], more_records=lambda: [], fns=fns,
+            sampler_params=state.params)
+        out[name] = (jax.tree.map(np.asarray, jax.device_get(state)), metrics)
+    (full, m_full), (cheap, m_cheap) = out["full"], out["cheap"]
+    assert m_full["kl_measured"] == 1.0 and "kl" in m_full
+    assert m_cheap["kl_measured"] == 0.0 and "kl" not in m_cheap
+    assert m_full["num_ref_tokens"] == m_cheap["num_ref_tokens"] > 0
+    np.testing.assert_allclose(m_cheap["loss"], m_full["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m_cheap["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+    _assert_same_update(full, cheap, init)
+
+
+def _assert_same_update(a, b, init):
+    """Two train states after one update from ``init`` params agree within float32 rounding:
+    the gradient everywhere (through Adam's first moment), the params where the gradient is
+    above rounding level (Adam's first step is lr * g / (|g| + eps): elsewhere its direction is
+    noise), as in test_train_step; and the step moved the params."""
+    covered = total = 0
+    moved = 0.0
+    for ga, gb, pa, pb, p0 in zip(jax.tree.leaves(a.opt_state[1][0].mu),
+                                  jax.tree.leaves(b.opt_state[1][0].mu),
+                                  jax.tree.leaves(a.params), jax.tree.leaves(b.params),
+                                  jax.tree.leaves(jax.device_get(init))):
+        scale = np.abs(ga).max()
+        np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-5 * scale)
+        ok = np.abs(ga) > 1e-4 * scale
+        np.testing.assert_allclose(pb[ok], pa[ok], rtol=0, atol=1e-6)
+        covered += ok.sum()
+        total += ok.size
+        moved = max(moved, float(np.abs(pa - p0).max()))
+    assert covered >= 0.95 * total and moved > 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["tapo", "opsd"])
+def test_packed_iteration_gives_the_unpacked_update(algorithm):
+    """train.packing on: the update batch runs on packed rows (fewer padded tokens) and the
+    params after one iteration equal those of the unpacked batch."""
+    import dataclasses
+
+    from tapo_jax.train import rl_loop
+    from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
+
+    cfg = load_config("configs/demo.yaml", TINY + [
+        f"rl.algorithm={algorithm}", "rl.num_samples=8", "rl.n_pos=2", "rl.n_neg=4",
+        "rl.m_max=3", "train.batch_size=4", "sampling.max_new_tokens=48",
+        "sampling.max_prompt_len=32", "rl.ref_group_includes_originals=true"])
+    policy, problems, _, ctx, _ = _scripted_context(cfg, [2, 3, 8, 0])
+    cfg = policy.cfg
+    init = rl_loop.copy_params(policy.params)
+    tx = make_optimizer(*optim_config_for(cfg, "opsd" if algorithm == "opsd" else "rl"))
+    out = {}
+    for pack in (False, True):
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=pack))
+        fns = rl_loop.build_device_fns(run_cfg, policy.graphdef, policy.mesh)
+        state, _ = train_state_from_params(rl_loop.copy_params(init), tx, policy.mesh)
+        state, metrics, _ = rl_loop.rl_iteration(
+            run_cfg, ctx, state=state, ref_params=rl_loop.copy_params(init), step=0,
+            records=[p.record() for p in problems], more_records=lambda: [], fns=fns,
+            sampler_params=state.params)
+        out[pack] = (jax.tree.map(np.asarray, jax.device_get(state)), metrics)
+    (plain, m_plain), (packed, m_packed) = out[False], out[True]
+    assert m_packed["batch/packed"] == 1.0 and m_plain["batch/packed"] == 0.0
+    for m in (m_plain, m_packed):  # both runs log the share with and without packing
+        assert m["tokens/padded_share_packed"] <= m["tokens/padded_share_unpacked"]
+    np.testing.assert_allclose(m_packed["loss"], m_plain["loss"], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(m_packed["grad_norm"], m_plain["grad_norm"], rtol=1e-4)
+    _assert_same_update(plain, packed, init)

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tapo_jax.config import Config
 from tapo_jax.models import sharding as sharding_lib
-from tapo_jax.rl import logprobs, objective, opsd
+from tapo_jax.rl import logprobs, objective, opsd, packing as packing_lib
 from tapo_jax.train.state import (TrainState, abstract_params, lr_schedule, make_optimizer,
                                   optim_config_for, train_state_shardings)
 from tapo_jax.types import TrainBatch
@@ -78,6 +78,7 @@ class OPSDBatch:
     teacher_positions: jax.Array  # int32[B, T2]
     teacher_attention_mask: jax.Array  # int32[B, T2]
     teacher_loss_mask: jax.Array  # float32[B, T2]
+    teacher_packing: Any = None  # tapo_jax.rl.packing.Packing of the teacher rows, or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +128,32 @@ def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
         hidden[:, :-1], weight, tokens[:, 1:], chunk_size=chunk_size, weight_layout="VD",
         temperature=temperature)
     return _shift_right(lp), _shift_right(ent)
+
+
+def rows_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
+                  positions: jax.Array, attention_mask: jax.Array, packing: Any = None,
+                  **kw) -> tuple[jax.Array, jax.Array]:
+    """:func:`token_logprobs` of [B, T] rows, run on their packed rows when ``packing``
+    (:class:`tapo_jax.rl.packing.Packing`) is given and mapped back to [B, T]: then 0 at
+    column 0 and at padding."""
+    if packing is None:
+        return token_logprobs(graphdef, params, tokens, positions, attention_mask, **kw)
+    p = packing
+    lp, ent = token_logprobs(graphdef, params, p.tokens, p.positions, p.segment_ids > 0,
+                             segment_ids=p.segment_ids, **kw)
+    valid = (jnp.asarray(attention_mask) > 0) & (jnp.arange(tokens.shape[1]) > 0)[None, :]
+    return packing_lib.unpack(lp, p.index, valid), packing_lib.unpack(ent, p.index, valid)
+
+
+def rows_hidden(model: nnx.Module, tokens: jax.Array, positions: jax.Array,
+                attention_mask: jax.Array, packing: Any = None) -> jax.Array:
+    """Final hidden states [B, T, D] of [B, T] rows (run packed when ``packing`` is given)."""
+    if packing is None:
+        return model(tokens, positions, attention_mask, return_hidden=True)
+    p = packing
+    hidden = model(p.tokens, p.positions, p.segment_ids > 0, segment_ids=p.segment_ids,
+                   return_hidden=True)
+    return packing_lib.unpack(hidden, p.index, jnp.asarray(attention_mask) > 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,13 +237,15 @@ def _rl_prepare(batch: TrainBatch, cfg: Config) -> TrainBatch:
     return batch
 
 
-def _rl_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperature: float, mesh):
+def _rl_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperature: float, mesh,
+                on_policy: bool = False):
     denominators = objective.tapo_loss_denominators(full, cfg.rl)
 
     def loss_fn(params, mb: TrainBatch):
-        lp, ent = token_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
-                                 chunk_size=chunk, temperature=temperature, mesh=mesh)
-        terms = objective.tapo_loss_terms(lp, mb.old_logprobs, ent, mb, cfg.rl)
+        lp, ent = rows_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
+                                mb.packing, chunk_size=chunk, temperature=temperature, mesh=mesh)
+        old = jax.lax.stop_gradient(lp) if on_policy else mb.old_logprobs
+        terms = objective.tapo_loss_terms(lp, old, ent, mb, cfg.rl)
         return objective.loss_from_terms(terms, cfg.rl, denominators), terms
 
     def finish(terms):
@@ -233,8 +262,8 @@ def _sft_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperatur
     total = jnp.maximum(jnp.sum(_sft_mask(full)), 1.0)
 
     def loss_fn(params, mb: TrainBatch):
-        lp, ent = token_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
-                                 chunk_size=chunk, temperature=temperature, mesh=mesh)
+        lp, ent = rows_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
+                                mb.packing, chunk_size=chunk, temperature=temperature, mesh=mesh)
         mask = _sft_mask(mb)
         on = mask > 0
         nll = -jnp.sum(jnp.where(on, lp, 0.0) * mask)
@@ -262,9 +291,9 @@ def _opsd_loss_fn(graphdef, cfg: Config, full: OPSDBatch, chunk: int, temperatur
         model = nnx.merge(graphdef, params)
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params))
         with _mesh_context(mesh):
-            s_hidden = model(s.tokens, s.positions, s.attention_mask, return_hidden=True)
-            t_hidden = teacher(mb.teacher_tokens, mb.teacher_positions,
-                               mb.teacher_attention_mask, return_hidden=True)
+            s_hidden = rows_hidden(model, s.tokens, s.positions, s.attention_mask, s.packing)
+            t_hidden = rows_hidden(teacher, mb.teacher_tokens, mb.teacher_positions,
+                                   mb.teacher_attention_mask, mb.teacher_packing)
         # k-th trained student token <-> k-th marked teacher token.
         mask = _sft_mask(s)
         t_mask = jnp.asarray(mb.teacher_loss_mask, jnp.float32) > 0
@@ -305,7 +334,8 @@ _KINDS = {"rl": _rl_loss_fn, "sft": _sft_loss_fn, "opsd": _opsd_loss_fn}
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh, *,
                     kind: Literal["rl", "sft", "opsd"] = "rl", rules: Any = None,
                     chunk_size: int = DEFAULT_VOCAB_CHUNK, temperature: float = 1.0,
-                    donate: bool = True) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    donate: bool = True, on_policy: bool = False
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """The jitted step ``(state, batch) -> (new_state, metrics)``.
 
     Args:
@@ -322,6 +352,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh, *,
       temperature: logits are divided by it before log-probs and entropies (use the same value
         in :func:`make_logprob_fn` for the old log-probs).
       donate: donate the input state's buffers to the output.
+      on_policy: (``rl``) the old log-probs are the step's own forward, stop-gradient, and
+        ``batch.old_logprobs`` is not read. Exact when the batch was sampled with the state's
+        params and gets a single update (``ppo_epochs = mini_batches = 1``): the old policy is
+        then the current one, and this saves the separate teacher-forced forward.
 
     Batch rows must be divisible by ``data * fsdp`` mesh devices and by the micro-batch size.
     """
@@ -334,6 +368,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh, *,
     batch_sh = NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     build_loss = _KINDS[kind]
+    if on_policy:
+        if kind != "rl":
+            raise ValueError(f"on_policy applies to kind 'rl', got {kind!r}")
+        build_loss = functools.partial(_rl_loss_fn, on_policy=True)
     micro_batch_size = cfg.train.micro_batch_size
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
@@ -366,17 +404,18 @@ def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, *,
     ``positions`` and ``attention_mask`` of shape [B, T] (e.g. a TrainBatch); it is placed with
     its leading dim over ``("data", "fsdp")``; params keep the shardings they arrive with.
     ``micro_batch_size`` > 0 runs the forward over strided micro-batches (``lax.map``) to bound
-    activation memory. Column 0 of both outputs is 0.
+    activation memory. Column 0 of both outputs is 0. A batch with a ``packing`` runs on its
+    packed rows (then padding is 0 too).
     """
     batch_sh = NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES))
 
-    def run(params, tokens, positions, attention_mask):
-        arrays = (tokens, positions, attention_mask)
+    def run(params, tokens, positions, attention_mask, packing):
+        arrays = (tokens, positions, attention_mask, packing)
         m = _num_micro(tokens.shape[0], micro_batch_size)
 
         def fwd(x):
-            return token_logprobs(graphdef, params, *x, chunk_size=chunk_size,
-                                  temperature=temperature, mesh=mesh)
+            return rows_logprobs(graphdef, params, *x, chunk_size=chunk_size,
+                                 temperature=temperature, mesh=mesh)
 
         if m == 1:
             return fwd(arrays)
@@ -386,7 +425,8 @@ def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, *,
     jitted = jax.jit(run, out_shardings=(batch_sh, batch_sh))
 
     def logprob_fn(params: nnx.State, batch: Any) -> tuple[jax.Array, jax.Array]:
-        arrays = jax.device_put((batch.tokens, batch.positions, batch.attention_mask), batch_sh)
+        arrays = jax.device_put((batch.tokens, batch.positions, batch.attention_mask,
+                                 getattr(batch, "packing", None)), batch_sh)
         return jitted(params, *arrays)
 
     def lower(params: nnx.State, batch: Any) -> jax.stages.Lowered:

@@ -8,7 +8,11 @@ live slot inside one jitted ``lax.while_loop`` (the host intervenes only every N
 
 Every buffer has a static shape and is donated between calls. Prefill pads prompts to a length
 bucket (powers of two, or ``prefill_buckets``) and a row bucket (powers of two up to the number
-of slots), so the number of compilations is bounded; ``compile_counts`` exposes them.
+of slots), so the number of compilations is bounded. Compiled functions are shared by every engine
+in the process: they are cached by what determines the compiled code (graphdef, cache dtype,
+mesh and sharding rules, the shapes, dtypes and shardings of the arguments, and the static
+sampling options), so a new engine over the same model, or a one-shot ``generate``, reuses them.
+``compile_counts`` counts the compilations an engine actually performed (cache misses).
 
 Randomness: each request carries its own raw PRNG key; token ``t`` of a request is drawn with
 ``fold_in(request_key, t)``, so outputs do not depend on slot count or scheduling order.
@@ -77,6 +81,29 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# ------------------------------------------------------------------------ shared compilations
+# (engine key, function name, static options, argument signature) -> jax.stages.Compiled. Kept
+# for the life of the process (bounded by the bucketing above); clear_compile_cache() frees it.
+_COMPILED: dict[tuple, Any] = {}
+
+
+def clear_compile_cache() -> None:
+    """Drop every compiled prefill / insert / decode / copy function of every engine."""
+    _COMPILED.clear()
+
+
+def _signature(args: Any) -> tuple:
+    """What of the arguments determines the compiled code: tree structure, then shape, dtype,
+    weak type and sharding of each leaf."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple((x.shape, x.dtype, getattr(x, "weak_type", False),
+                           getattr(x, "sharding", None)) for x in leaves)
+
+
+def _freeze(rules: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
+
+
 class Engine:
     """Owns the sampling-time copy of the weights and the compiled prefill / decode functions."""
 
@@ -98,33 +125,59 @@ class Engine:
         self.prefill_buckets = tuple(sorted(prefill_buckets)) if prefill_buckets else None
         self.max_stop_ids = max_stop_ids
         self.cache_dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
+        # compilations this engine performed; calls served by the shared cache do not count
         self.compile_counts: collections.Counter = collections.Counter()
         self._params_sh = sharding_lib.state_shardings(
             jax.eval_shape(to_decode, params), self.mesh, self.rules)
-        self._copy = jax.jit(
-            lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), to_decode(p)),
-            out_shardings=self._params_sh)
+        self._to_decode = to_decode
+        self._base_key = (self.graphdef, self.cache_dtype, self.mesh, _freeze(self.rules))
+        self._local: dict[tuple, Any] = {}  # this engine's view of _COMPILED (no graphdef hash)
+        self._params_sig: Optional[tuple] = None
+        n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._slot_multiple = n_dp if num_slots % n_dp == 0 else 1
         if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
             # abstract params: an engine whose programs can be lowered and analysed, not run
             self.params = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                 jax.eval_shape(to_decode, params), self._params_sh)
+            self._params_sig = _signature(self.params)
         else:
-            self.params = self._copy(params)
-        n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self._slot_multiple = n_dp if num_slots % n_dp == 0 else 1
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("k_bound", "filtered"))
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,),
-                                 static_argnames=("steps", "k_bound", "filtered", "attend_len"))
+            self.update_params(params)
+
+    # -------------------------------------------------------------------- compiled functions
+    def _compiled(self, name: str, args: tuple, static: dict, make_jit) -> Any:
+        """The compiled ``name`` for ``args`` (params excluded: they are part of the engine's
+        key) and ``static`` options: from this engine's table, else the process-wide cache,
+        else compiled now (and counted)."""
+        local_key = (name, tuple(sorted(static.items())), _signature(args))
+        fn = self._local.get(local_key)
+        if fn is None:
+            params_sig = None if name == "copy" else self._params_sig
+            key = (self._base_key, params_sig) + local_key
+            fn = _COMPILED.get(key)
+            if fn is None:
+                call_args = args if name == "copy" else (self.params,) + args
+                fn = make_jit().lower(*call_args, **static).compile()
+                _COMPILED[key] = fn
+                self.compile_counts[name] += 1
+            self._local[local_key] = fn
+        return fn
 
     # -------------------------------------------------------------------- weights and state
     def update_params(self, params: nnx.State) -> None:
         """New policy weights (resharded to the sampling rules; a copy, never an alias)."""
-        self.params = self._copy(params)
+        copy = self._compiled("copy", (params,), {}, lambda: jax.jit(
+            functools.partial(_copy_impl, self._to_decode), out_shardings=self._params_sh))
+        self.params = copy(params)
+        sig = _signature(self.params)
+        if sig != self._params_sig:  # other dtypes: another set of compilations
+            self._params_sig, self._local = sig, {}
 
-    def init_decode_state(self, stop_ids: Sequence[int] = ()) -> DecodeState:
-        S, E = self.num_slots, self.max_stop_ids
+    def init_decode_state(self, stop_ids: Sequence[int] = (),
+                          num_slots: Optional[int] = None) -> DecodeState:
+        """Empty decode state of ``num_slots`` slots (default all; fewer decode fewer rows per
+        step: use a :meth:`row_bucket` for few requests, so compilations stay bounded)."""
+        S, E = num_slots or self.num_slots, self.max_stop_ids
         stops = np.full((E,), -1, np.int32)
         stops[: len(stop_ids)] = stop_ids
         state = DecodeState(
@@ -138,10 +191,9 @@ class Engine:
         return jax.device_put(state, self._state_shardings(state))
 
     def _state_shardings(self, state: DecodeState) -> DecodeState:
-        slot = sharding_lib.logical_sharding(self.mesh, ("batch",), self.rules,
-                                             (self.num_slots,))
-        slot2 = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules,
-                                              (self.num_slots, 2))
+        S = state.done.shape[0]
+        slot = sharding_lib.logical_sharding(self.mesh, ("batch",), self.rules, (S,))
+        slot2 = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules, (S, 2))
         rep = sharding_lib.logical_sharding(self.mesh, (None,), self.rules, (self.max_stop_ids,))
         return DecodeState(
             cache=sharding_lib.cache_shardings(state.cache, self.mesh, self.rules),
@@ -178,139 +230,27 @@ class Engine:
         return -(-b // self._slot_multiple) * self._slot_multiple
 
     # -------------------------------------------------------------------- prefill
-    def _prefill_impl(self, params, tokens, true_length, keys, temperature, top_p, top_k, min_p,
-                      *, k_bound, filtered):
-        self.compile_counts["prefill"] += 1  # runs at trace time only: counts compilations
-        model = nnx.merge(self.graphdef, params)
-        P, T = tokens.shape
-        mask = jnp.arange(T)[None, :] < true_length[:, None]
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-        cache = init_cache(self.cfg, P, T, self.cache_dtype)
-        hidden, cache = model(tokens, positions, mask, cache=cache, return_hidden=True)
-        last = jnp.take_along_axis(hidden, (true_length - 1)[:, None, None], axis=1)[:, 0]
-        logits = model.logits_from_hidden(last).astype(jnp.float32)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-        tok, lp = sample_tokens(logits, step_keys, temperature, top_k, top_p, min_p,
-                                k_bound=k_bound, filtered=filtered)
-        return Prefix(k=cache.k, v=cache.v, true_length=true_length, first_token=tok,
-                      first_logprob=lp, keys=keys)
-
     def prefill(self, tokens: np.ndarray, true_length: np.ndarray, keys: np.ndarray,
                 sampling: dict[str, np.ndarray], *, k_bound: int, filtered: bool) -> Prefix:
         """Prefill right-padded prompts int32[P, T] and sample each one's first token."""
-        return self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(true_length),
-                             jnp.asarray(keys), *(jnp.asarray(sampling[k]) for k in
-                                                  ("temperature", "top_p", "top_k", "min_p")),
-                             k_bound=k_bound, filtered=filtered)
+        args = (jnp.asarray(tokens), jnp.asarray(true_length), jnp.asarray(keys),
+                *(jnp.asarray(sampling[k]) for k in ("temperature", "top_p", "top_k", "min_p")))
+        static = dict(k_bound=k_bound, filtered=filtered)
+        fn = self._compiled("prefill", args, static, lambda: jax.jit(
+            functools.partial(_prefill_impl, self.graphdef, self.cache_dtype),
+            static_argnames=tuple(static)))
+        return fn(self.params, *args)
 
     # -------------------------------------------------------------------- insert
-    def _insert_impl(self, prefix, state, slots, max_new, temperature, top_p, top_k, min_p):
-        """Write prefix rows into ``slots`` (int32[P], -1 = skip this row)."""
-        self.compile_counts["insert"] += 1
-        T = prefix.v[0].shape[2]
-        M = state.cache.pos.shape[1]
-        tgt = jnp.where(slots >= 0, slots, self.num_slots)  # out of range -> dropped
-        k = tuple(c.at[tgt, :, :, :T].set(x.astype(c.dtype), mode="drop")
-                  for c, x in zip(state.cache.k, prefix.k))
-        v = tuple(c.at[tgt, :, :T].set(x.astype(c.dtype), mode="drop")
-                  for c, x in zip(state.cache.v, prefix.v))
-        cols = jnp.arange(M)[None, :]
-        pos_rows = jnp.where(cols < prefix.true_length[:, None], cols, -1).astype(jnp.int32)
-        pos = state.cache.pos.at[tgt].set(pos_rows, mode="drop")
-        first_stop = jnp.any(prefix.first_token[:, None] == state.stop_ids[None, :], axis=-1)
-        done = first_stop | (max_new <= 1)
-
-        def put(field, value):
-            return field.at[tgt].set(value.astype(field.dtype), mode="drop")
-
-        return state.replace(
-            cache=KVCache(k=k, v=v, pos=pos),
-            next_pos=put(state.next_pos, prefix.true_length),
-            last_token=put(state.last_token, prefix.first_token),
-            generated=put(state.generated, jnp.ones_like(slots)),
-            max_new=put(state.max_new, max_new), done=put(state.done, done),
-            stopped=put(state.stopped, first_stop), keys=put(state.keys, prefix.keys),
-            temperature=put(state.temperature, temperature), top_p=put(state.top_p, top_p),
-            top_k=put(state.top_k, top_k), min_p=put(state.min_p, min_p))
-
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray, max_new: np.ndarray,
                sampling: dict[str, np.ndarray]) -> DecodeState:
-        return self._insert(prefix, state, jnp.asarray(slots, jnp.int32),
-                            jnp.asarray(max_new, jnp.int32),
-                            *(jnp.asarray(sampling[k]) for k in
-                              ("temperature", "top_p", "top_k", "min_p")))
+        args = (prefix, state, jnp.asarray(slots, jnp.int32), jnp.asarray(max_new, jnp.int32),
+                *(jnp.asarray(sampling[k]) for k in ("temperature", "top_p", "top_k", "min_p")))
+        fn = self._compiled("insert", args, {}, lambda: jax.jit(_insert_impl,
+                                                               donate_argnums=(2,)))
+        return fn(self.params, *args)
 
     # -------------------------------------------------------------------- generate
-    def _step(self, params, state: DecodeState, keys, u, k_bound, filtered, max_len):
-        """One token for every live slot, drawn with ``keys`` uint32[S, 2] (and ``u`` f32[S]
-        = uniforms(keys), or None). ``state.cache`` may be a window of the first slots of the
-        full cache (``max_len`` slots): the window is attended to whole."""
-        model = nnx.merge(self.graphdef, params)
-        live = ~state.done
-        logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
-                              live[:, None], cache=state.cache, cache_index=state.next_pos)
-        tok, lp = sample_tokens(logits[:, 0].astype(jnp.float32), keys, state.temperature,
-                                state.top_k, state.top_p, state.min_p, k_bound=k_bound,
-                                filtered=filtered, u=u)
-        is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1)
-        generated = state.generated + live
-        out_of_room = state.next_pos + 2 > max_len
-        done = state.done | (live & (is_stop | (generated >= state.max_new) | out_of_room))
-        new = state.replace(
-            cache=cache,
-            next_pos=jnp.where(live, state.next_pos + 1, state.next_pos),
-            last_token=jnp.where(live, tok, state.last_token), generated=generated,
-            done=done, stopped=state.stopped | (live & is_stop))
-        return new, tok, lp, live
-
-    def _generate_impl(self, params, state, *, steps, k_bound, filtered, attend_len):
-        self.compile_counts["generate"] += 1
-        S, M = state.cache.pos.shape
-        buf = (jnp.zeros((S, steps), jnp.int32), jnp.zeros((S, steps), jnp.float32),
-               jnp.zeros((S, steps), bool))
-        # The loop runs on a window of the first ``attend_len`` cache slots, cut once per call
-        # and written back at the end: slicing inside the loop would copy the attended cache
-        # of every layer at every step (on XLA:CPU more than the attention maths costs).
-        full = state.cache
-        if attend_len is not None and attend_len < M:
-            state = state.replace(cache=KVCache(
-                k=tuple(c[..., :attend_len] for c in full.k),
-                v=tuple(c[:, :, :attend_len] for c in full.v), pos=full.pos[:, :attend_len]))
-
-        # Token g of a request is drawn with fold_in(request key, g); a slot live at step i of
-        # this call has generated g0 + i tokens. All keys (and uniforms) of the call at once:
-        # on XLA:CPU each PRNG evaluation is a small loop, costly per decode step.
-        offsets = jnp.arange(steps, dtype=state.generated.dtype)
-        fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, 0)), (None, 1), 1)
-        step_keys = fold(state.keys, state.generated[:, None] + offsets[None, :])  # [S, N, 2]
-        step_u = (uniforms(step_keys) if uses_uniforms(self.cfg.vocab_size, k_bound=k_bound,
-                                                       filtered=filtered) else None)  # [S, N]
-
-        def cond(carry):
-            i, st, _ = carry
-            return (i < steps) & ~jnp.all(st.done)
-
-        def body(carry):
-            i, st, (toks, lps, valid) = carry
-            keys = jax.lax.dynamic_index_in_dim(step_keys, i, axis=1, keepdims=False)
-            u = (None if step_u is None else
-                 jax.lax.dynamic_index_in_dim(step_u, i, axis=1, keepdims=False))
-            st, tok, lp, live = self._step(params, st, keys, u, k_bound, filtered, M)
-            toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
-            lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
-            valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
-            return i + 1, st, (toks, lps, valid)
-
-        _, state, (toks, lps, valid) = jax.lax.while_loop(cond, body, (0, state, buf))
-        if state.cache is not full:
-            put = lambda big, win: jax.lax.dynamic_update_slice(  # noqa: E731
-                big, win, (0,) * big.ndim)
-            state = state.replace(cache=KVCache(
-                k=tuple(map(put, full.k, state.cache.k)), v=tuple(map(put, full.v, state.cache.v)),
-                pos=put(full.pos, state.cache.pos)))
-        return state, ResultTokens(tokens=toks, logprobs=lps, valid=valid,
-                                   lengths=state.generated)
-
     def generate(self, state: DecodeState, *, steps: int = 1, k_bound: int, filtered: bool,
                  attend_len: Optional[int] = None) -> tuple[DecodeState, ResultTokens]:
         """Up to ``steps`` tokens for every live slot (stops early when every slot is done).
@@ -322,8 +262,16 @@ class Engine:
         """
         if attend_len is not None and not 0 < attend_len <= self.max_len:
             raise ValueError(f"attend_len {attend_len} outside [1, {self.max_len}]")
-        return self._generate(self.params, state, steps=steps, k_bound=k_bound,
-                              filtered=filtered, attend_len=attend_len)
+        static = dict(steps=steps, k_bound=k_bound, filtered=filtered, attend_len=attend_len)
+        fn = self._compiled("generate", (state,), static, lambda: self._generate)
+        return fn(self.params, state)
+
+    @property
+    def _generate(self):
+        """The jitted decode call ``(params, state, *, steps, k_bound, filtered, attend_len)``,
+        e.g. to lower it for analysis (calls go through the shared compilations)."""
+        return jax.jit(functools.partial(_generate_impl, self.graphdef), donate_argnums=(1,),
+                       static_argnames=("steps", "k_bound", "filtered", "attend_len"))
 
     def free_slots(self, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         idx = jnp.asarray(list(slots), jnp.int32)
@@ -337,6 +285,131 @@ def _decode_params(cfg: Any, params: nnx.State) -> nnx.State:
     dt = jnp.dtype(cfg.dtype)
     return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         unstack_layers(cfg, params))
+
+
+# ------------------------------------------------------------------------ compiled functions
+# Pure functions of (params, arrays); the engine compiles them once per key (see _COMPILED).
+def _copy_impl(to_decode, params):
+    return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), to_decode(params))
+
+
+def _prefill_impl(graphdef, cache_dtype, params, tokens, true_length, keys, temperature, top_p,
+                  top_k, min_p, *, k_bound, filtered):
+    model = nnx.merge(graphdef, params)
+    P, T = tokens.shape
+    mask = jnp.arange(T)[None, :] < true_length[:, None]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+    cache = init_cache(model.cfg, P, T, cache_dtype)
+    hidden, cache = model(tokens, positions, mask, cache=cache, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (true_length - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.logits_from_hidden(last).astype(jnp.float32)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+    tok, lp = sample_tokens(logits, step_keys, temperature, top_k, top_p, min_p,
+                            k_bound=k_bound, filtered=filtered)
+    return Prefix(k=cache.k, v=cache.v, true_length=true_length, first_token=tok,
+                  first_logprob=lp, keys=keys)
+
+
+def _insert_impl(params, prefix, state, slots, max_new, temperature, top_p, top_k, min_p):
+    """Write prefix rows into ``slots`` (int32[P], -1 = skip this row)."""
+    del params  # every engine function takes the params first
+    T = prefix.v[0].shape[2]
+    M = state.cache.pos.shape[1]
+    tgt = jnp.where(slots >= 0, slots, state.done.shape[0])  # out of range -> dropped
+    k = tuple(c.at[tgt, :, :, :T].set(x.astype(c.dtype), mode="drop")
+              for c, x in zip(state.cache.k, prefix.k))
+    v = tuple(c.at[tgt, :, :T].set(x.astype(c.dtype), mode="drop")
+              for c, x in zip(state.cache.v, prefix.v))
+    cols = jnp.arange(M)[None, :]
+    pos_rows = jnp.where(cols < prefix.true_length[:, None], cols, -1).astype(jnp.int32)
+    pos = state.cache.pos.at[tgt].set(pos_rows, mode="drop")
+    first_stop = jnp.any(prefix.first_token[:, None] == state.stop_ids[None, :], axis=-1)
+    done = first_stop | (max_new <= 1)
+
+    def put(field, value):
+        return field.at[tgt].set(value.astype(field.dtype), mode="drop")
+
+    return state.replace(
+        cache=KVCache(k=k, v=v, pos=pos),
+        next_pos=put(state.next_pos, prefix.true_length),
+        last_token=put(state.last_token, prefix.first_token),
+        generated=put(state.generated, jnp.ones_like(slots)),
+        max_new=put(state.max_new, max_new), done=put(state.done, done),
+        stopped=put(state.stopped, first_stop), keys=put(state.keys, prefix.keys),
+        temperature=put(state.temperature, temperature), top_p=put(state.top_p, top_p),
+        top_k=put(state.top_k, top_k), min_p=put(state.min_p, min_p))
+
+
+def _step(graphdef, params, state: DecodeState, keys, u, k_bound, filtered, max_len):
+    """One token for every live slot, drawn with ``keys`` uint32[S, 2] (and ``u`` f32[S]
+    = uniforms(keys), or None). ``state.cache`` may be a window of the first slots of the
+    full cache (``max_len`` slots): the window is attended to whole."""
+    model = nnx.merge(graphdef, params)
+    live = ~state.done
+    logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
+                          live[:, None], cache=state.cache, cache_index=state.next_pos)
+    tok, lp = sample_tokens(logits[:, 0].astype(jnp.float32), keys, state.temperature,
+                            state.top_k, state.top_p, state.min_p, k_bound=k_bound,
+                            filtered=filtered, u=u)
+    is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1)
+    generated = state.generated + live
+    out_of_room = state.next_pos + 2 > max_len
+    done = state.done | (live & (is_stop | (generated >= state.max_new) | out_of_room))
+    new = state.replace(
+        cache=cache,
+        next_pos=jnp.where(live, state.next_pos + 1, state.next_pos),
+        last_token=jnp.where(live, tok, state.last_token), generated=generated,
+        done=done, stopped=state.stopped | (live & is_stop))
+    return new, tok, lp, live
+
+
+def _generate_impl(graphdef, params, state, *, steps, k_bound, filtered, attend_len):
+    S, M = state.cache.pos.shape
+    buf = (jnp.zeros((S, steps), jnp.int32), jnp.zeros((S, steps), jnp.float32),
+           jnp.zeros((S, steps), bool))
+    # The loop runs on a window of the first ``attend_len`` cache slots, cut once per call
+    # and written back at the end: slicing inside the loop would copy the attended cache
+    # of every layer at every step (on XLA:CPU more than the attention maths costs).
+    full = state.cache
+    if attend_len is not None and attend_len < M:
+        state = state.replace(cache=KVCache(
+            k=tuple(c[..., :attend_len] for c in full.k),
+            v=tuple(c[:, :, :attend_len] for c in full.v), pos=full.pos[:, :attend_len]))
+
+    # Token g of a request is drawn with fold_in(request key, g); a slot live at step i of
+    # this call has generated g0 + i tokens. All keys (and uniforms) of the call at once:
+    # on XLA:CPU each PRNG evaluation is a small loop, costly per decode step.
+    offsets = jnp.arange(steps, dtype=state.generated.dtype)
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, 0)), (None, 1), 1)
+    step_keys = fold(state.keys, state.generated[:, None] + offsets[None, :])  # [S, N, 2]
+    vocab = nnx.merge(graphdef, params).cfg.vocab_size
+    step_u = (uniforms(step_keys) if uses_uniforms(vocab, k_bound=k_bound, filtered=filtered)
+              else None)  # [S, N]
+
+    def cond(carry):
+        i, st, _ = carry
+        return (i < steps) & ~jnp.all(st.done)
+
+    def body(carry):
+        i, st, (toks, lps, valid) = carry
+        keys = jax.lax.dynamic_index_in_dim(step_keys, i, axis=1, keepdims=False)
+        u = (None if step_u is None else
+             jax.lax.dynamic_index_in_dim(step_u, i, axis=1, keepdims=False))
+        st, tok, lp, live = _step(graphdef, params, st, keys, u, k_bound, filtered, M)
+        toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+        lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
+        valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
+        return i + 1, st, (toks, lps, valid)
+
+    _, state, (toks, lps, valid) = jax.lax.while_loop(cond, body, (0, state, buf))
+    if state.cache is not full:
+        put = lambda big, win: jax.lax.dynamic_update_slice(  # noqa: E731
+            big, win, (0,) * big.ndim)
+        state = state.replace(cache=KVCache(
+            k=tuple(map(put, full.k, state.cache.k)), v=tuple(map(put, full.v, state.cache.v)),
+            pos=put(full.pos, state.cache.pos)))
+    return state, ResultTokens(tokens=toks, logprobs=lps, valid=valid,
+                               lengths=state.generated)
 
 
 def _single_mesh_cfg():

@@ -159,8 +159,9 @@ class Sampler:
         logps: list[list[float]] = [[] for _ in range(R)]
         stopped = np.zeros(R, bool)
         queue = collections.deque(mine)
-        slot_req = [-1] * eng.num_slots
-        state = eng.init_decode_state(stop_ids)
+        active = eng.row_bucket(max(len(mine), 1))  # few requests decode on fewer slots
+        slot_req = [-1] * active
+        state = eng.init_decode_state(stop_ids, num_slots=active)
         finished = 0
         decode_calls = 0
 

@@ -59,6 +59,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     import jax
 
     from tapo_jax.data.cold_start import sft_batch
+    from tapo_jax.rl.packing import pack_batch
     from tapo_jax.rl.train_step import make_train_step
     from tapo_jax.train.metrics import progress_bar
 
@@ -86,6 +87,9 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         batch, stats = sft_batch([examples[members[i]] for i in idx], pad_id=pad,
                                  length_buckets=(L,), row_buckets=(batch_size,), max_len=L)
         tokens += stats.response_tokens
+        if cfg.train.packing:
+            batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
+                                  row_multiple=n_dp)
         state, metrics = step_fn(state, batch)
         if (s + 1) % max(cfg.train.log_every, 10) == 0 or s + 1 == cs.steps:
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -5,7 +5,16 @@ Per iteration (paper Algorithm 1):
     sample K per query -> rewards -> [TAPO] DCS -> construction prompts through the same engine
     -> parse + reward constructions -> old log-probs by a teacher-forced forward of every sequence
     (constructions are scored on (x, y_ref), never on the synthesis prompt) -> reference log-probs
-    (KL is always measured) -> advantages (DAE) -> update -> hand new params to the engine.
+    -> advantages (DAE) -> update -> hand new params to the engine.
+
+Forwards skipped when they cannot change the update:
+
+- old log-probs: with one update per rollout batch (``train.ppo_epochs = train.mini_batches =
+  1``) the old policy is the state's params, so the update uses its own forward, stop-gradient,
+  as the old log-probs (``make_train_step(on_policy=True)``: the same values, one forward less);
+- reference log-probs: with ``rl.kl_coef = 0`` the KL term is only measured, so the reference
+  forward runs on every ``rl.kl_every``-th step only, and the ``kl`` metric is logged on those
+  steps only (``kl_measured`` says which).
 
 Host work (sampling orchestration, rewards, parsing, batch assembly) lives in
 :mod:`tapo_jax.train.rollout`; device work is four jitted functions built once: the teacher-forced
@@ -32,6 +41,7 @@ import numpy as np
 
 from tapo_jax.config import Config
 from tapo_jax.models import sharding as sharding_lib
+from tapo_jax.rl import packing
 from tapo_jax.rl.advantages import tapo_advantages
 from tapo_jax.tapo.batch import Row, build_batch_arrays, power_of_two_buckets
 from tapo_jax.train import rollout
@@ -121,15 +131,39 @@ def _batch_arrays(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
 
 
 def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
-                   ) -> tuple[TrainBatch, Any]:
-    """Rows -> a bucketed TrainBatch placed on ``mesh`` (overlong rows keep their reward but
-    train no tokens)."""
+                   ) -> tuple[TrainBatch, Any, dict[str, float]]:
+    """Rows -> a bucketed TrainBatch (packed when ``train.packing``) placed on ``mesh``
+    (overlong rows keep their reward but train no tokens), its statistics and its padding
+    metrics (from the host arrays)."""
     arrays, stats = _batch_arrays(col, cfg, mesh, pad_id)
-    return place_batch(TrainBatch(**arrays), mesh), stats
+    batch = TrainBatch(**arrays)
+    if cfg.train.packing:
+        batch, _ = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
+                                      row_multiple=_dp(mesh))
+    return place_batch(batch, mesh), stats, padding_metrics(batch, cfg, mesh)
+
+
+def _dp(mesh: Any) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def padding_metrics(batch: TrainBatch, cfg: Config, mesh: Any) -> dict[str, float]:
+    """Share of padded tokens in the update batch (host arrays) without and with packing
+    (whichever runs)."""
+    am = np.asarray(batch.attention_mask)
+    if batch.packing is not None:
+        packed = int(np.prod(batch.packing.tokens.shape))
+    else:
+        packed = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
+                                    row_multiple=_dp(mesh))[1].packed_tokens
+    real = float(am.sum())
+    return {"tokens/padded_share_unpacked": 1.0 - real / max(am.size, 1),
+            "tokens/padded_share_packed": 1.0 - real / max(packed, 1),
+            "batch/packed": float(batch.packing is not None)}
 
 
 def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int,
-                        encode: Callable) -> tuple[Any, Any, int]:
+                        encode: Callable) -> tuple[Any, Any, int, dict[str, float]]:
     """Student rows (the rollouts) and teacher rows (question + a correct solution, then the
     same response). Groups without a correct rollout carry no distillation signal (masked)."""
     from tapo_jax.rl.train_step import OPSDBatch
@@ -157,10 +191,20 @@ def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: 
             s_mask[b] = 0.0
             t_mask[b] = 0.0
     stats = dataclasses.replace(stats, response_tokens=int(s_mask.sum()))
-    batch = OPSDBatch(student=TrainBatch(**student), teacher_tokens=t_arr["tokens"],
-                      teacher_positions=t_arr["positions"],
+    t_pack = None
+    if cfg.train.packing:
+        t_pack = packing.pack(
+            t_arr["tokens"], t_arr["attention_mask"], length=2 * t_arr["tokens"].shape[1],
+            groups=packing.micro_batches(len(t_mask), cfg.train.micro_batch_size),
+            row_multiple=_dp(mesh))[0]
+    student = TrainBatch(**student)
+    if cfg.train.packing:
+        student, _ = packing.pack_batch(student, micro_batch_size=cfg.train.micro_batch_size,
+                                        row_multiple=_dp(mesh))
+    batch = OPSDBatch(student=student, teacher_packing=t_pack,
+                      teacher_tokens=t_arr["tokens"], teacher_positions=t_arr["positions"],
                       teacher_attention_mask=t_arr["attention_mask"], teacher_loss_mask=t_mask)
-    return place_batch(batch, mesh), stats, skipped
+    return place_batch(batch, mesh), stats, skipped, padding_metrics(student, cfg, mesh)
 
 
 def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, step: int,
@@ -183,20 +227,28 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
 
     t1 = time.perf_counter()
     if rl.algorithm == "opsd":
-        batch, bstats, skipped = assemble_opsd_batch(col, cfg, ctx.mesh, pad, ctx.encode)
+        batch, bstats, skipped, pad_metrics = assemble_opsd_batch(col, cfg, ctx.mesh, pad,
+                                                                  ctx.encode)
         student = batch.student
         lp, _ = fns["logprob"](state.params, student)
         ref_lp, _ = fns["logprob"](ref_params, student)
         batch = batch.replace(student=student.replace(old_logprobs=lp, ref_logprobs=ref_lp))
         extra = {"opsd/skipped_rows": float(skipped)}
     else:
-        batch, bstats = assemble_batch(col, cfg, ctx.mesh, pad)
-        old_lp, _ = fns["logprob"](state.params, batch)
-        ref_lp, _ = fns["logprob"](ref_params, batch)
+        batch, bstats, pad_metrics = assemble_batch(col, cfg, ctx.mesh, pad)
+        unused = jnp.zeros(batch.tokens.shape, jnp.float32)  # a forward the update does not read
+        old_lp = unused if fns["on_policy"] else jax.block_until_ready(
+            fns["logprob"](state.params, batch)[0])
+        timings["time/logprobs_old"] = time.perf_counter() - t1
+        t_ref = time.perf_counter()
+        kl_measured = measures_kl(cfg, step)
+        ref_lp = jax.block_until_ready(
+            fns["logprob"](ref_params, batch)[0]) if kl_measured else unused
+        timings["time/logprobs_ref"] = time.perf_counter() - t_ref
         adv, gids = fns["advantages"](batch)
         batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
                               group_ids=gids)
-        extra = {}
+        extra = {"kl_measured": float(kl_measured)}
     jax.block_until_ready(batch)
     timings["time/logprobs"] = time.perf_counter() - t1
 
@@ -205,6 +257,8 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
                                      ppo_epochs=cfg.train.ppo_epochs,
                                      mini_batches=cfg.train.mini_batches)
     metrics = {k: float(v) for k, v in jax.device_get(average_metrics(history)).items()}
+    if extra.get("kl_measured") == 0.0:
+        metrics.pop("kl", None)  # measured against no reference this step
     if metrics.get("num_ref_tokens", 0.0) == 0.0:
         # no reflection token in this batch: the OTS statistics and the reflection loss are
         # undefined (the step reports them as 0); leave them out rather than log a fake 0
@@ -218,6 +272,7 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     lengths = col.response_lengths
     metrics.update(timings)
     metrics.update(extra)
+    metrics.update(pad_metrics)
     metrics.update({
         "accuracy": float(col.rewards.mean()),
         "response_length_mean": float(lengths.mean()),
@@ -242,7 +297,21 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     return state, metrics, col.examples
 
 
-def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
+def on_policy(cfg: Config) -> bool:
+    """One update per rollout batch: the old log-probs are the update's own forward."""
+    return cfg.rl.algorithm != "opsd" and cfg.train.ppo_epochs == 1 and (
+        cfg.train.mini_batches == 1)
+
+
+def measures_kl(cfg: Config, step: int) -> bool:
+    """Whether step ``step`` runs the reference forward (always when the KL is optimised)."""
+    return cfg.rl.kl_coef != 0 or step % cfg.rl.kl_every == 0
+
+
+def build_device_fns(cfg: Config, graphdef: Any, mesh: Any, *,
+                     old_from_update: bool | None = None) -> dict:
+    """Jitted step, log-prob forward and advantages. ``old_from_update``: the update computes
+    the old log-probs itself (default :func:`on_policy`; False forces the separate forward)."""
     from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
 
     kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
@@ -250,8 +319,11 @@ def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
     # gradient are then those of the distribution the rollouts were drawn from
     t_roll = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
     t_step = cfg.rl.opsd_temperature if kind == "opsd" else t_roll
+    own = on_policy(cfg) if old_from_update is None else old_from_update
     return {
-        "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step),
+        "on_policy": own,
+        "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step,
+                                on_policy=own),
         "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size,
                                    temperature=t_roll),
         "advantages": make_advantage_fn(cfg, mesh),
