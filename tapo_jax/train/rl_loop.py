@@ -161,12 +161,12 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         trained = student
     else:
         batch, bstats = assemble_batch(col, cfg, ctx.mesh, pad)
-        old_lp, _ = fns["logprob"](state.params, batch)
+        old_lp, old_ent = fns["logprob"](state.params, batch)
         ref_lp, _ = fns["logprob"](ref_params, batch)
         adv, gids = fns["advantages"](batch)
         batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
                               group_ids=gids)
-        extra = {}
+        extra = _diagnostics(col, batch, old_lp, old_ent, cfg) if rl.algorithm == "tapo" else {}
         trained = batch
     jax.block_until_ready(batch)
     timings["time/logprobs"] = time.perf_counter() - t1
@@ -211,6 +211,32 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         if isinstance(v, (int, float)):
             metrics[f"reward_pool/{k}"] = float(v)
     return state, metrics, col.examples
+
+
+def _diagnostics(col: rollout.Collected, batch: TrainBatch, logprobs: Any, entropy: Any,
+                 cfg: Config) -> dict[str, float]:
+    """Reflection-row advantages and OTS weights by region (prefix / reflection phrase /
+    continuation) of this iteration, at the rollout params (``diag/*``)."""
+    from tapo_jax.tapo import diagnostics
+
+    adv, refl, mask = jax.device_get((batch.advantages, batch.is_reflection, batch.row_mask))
+    out = diagnostics.advantage_report(adv, refl, mask)
+    lp, ent = (np.asarray(x) for x in jax.device_get((logprobs, entropy)))
+    loss_mask = np.asarray(jax.device_get(batch.loss_mask))
+    spans = []
+    for b, r in enumerate(col.rows):
+        if not r.is_reflection or r.reflection_span is None:
+            spans.append(None)
+            continue
+        P = len(r.prompt_ids)
+        kept = min(len(r.completion_ids), lp.shape[1] - P)
+        spans.append((P, r.reflection_span[0], r.reflection_span[1], kept))
+    masks = diagnostics.region_masks(lp.shape, spans)
+    out.update(diagnostics.ots_region_report(lp, ent, masks, w_min=cfg.rl.w_min,
+                                             w_max=cfg.rl.w_max))
+    trained = {k: float((m * loss_mask).sum()) for k, m in masks.items()}
+    out.update({f"trained_{k}_tokens": v for k, v in trained.items()})
+    return {f"diag/{k}": v for k, v in out.items()}
 
 
 def build_device_fns(cfg: Config, graphdef: Any, mesh: Any) -> dict:
