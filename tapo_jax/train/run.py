@@ -120,7 +120,8 @@ def _records(cfg: Config, eval_split: bool):
 
 
 def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: Path, name: str):
-    from tapo_jax.train.evaluate import arithmetic_oracle, run_eval, write_report
+    from tapo_jax.train.evaluate import (arithmetic_oracle, arithmetic_tracer, run_eval,
+                                         write_report)
 
     e = cfg.eval
     fn = policy.text_sample_fn(params, e.max_new_tokens or cfg.sampling.max_new_tokens,
@@ -128,7 +129,8 @@ def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: 
     oracle = arithmetic_oracle if cfg.data.kind == "arithmetic" else None
     t0 = time.time()
     problems = [_eval_problem(r, cfg) for r in records]
-    result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle)
+    result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle,
+                      tracer=arithmetic_tracer if oracle is not None else None)
     result.settings["seconds"] = round(time.time() - t0, 1)
     from tapo_jax.train.distributed import is_main_process
 
