@@ -238,6 +238,10 @@ def _run_study(spec: StudySpec, out: Path) -> dict:
             results["arms"][name][seed] = r
             log.info("study: seed %d arm %s %s = %.3f (%.0f s)", seed, name, spec.metric,
                      _metric(r, spec.metric), r["seconds_with_eval"])
+        # the report so far (every finished seed), rewritten after each seed
+        partial = summarize(spec, results)
+        (out / "study.json").write_text(json.dumps(partial, indent=1, default=float))
+        (out / "study.md").write_text(format_report(partial))
     report = summarize(spec, results)
     report["seconds"] = time.time() - t0
     (out / "study.json").write_text(json.dumps(report, indent=1, default=float))
@@ -285,7 +289,7 @@ COLUMNS = ("pass@1", "pass@2", "pass@3", "pass@4", "pass@5", "dsr", "err", "dsr_
 
 def summarize(spec: StudySpec, results: dict) -> dict:
     """Per-arm intervals over seeds, per-seed paired differences, per-arm diagnostics."""
-    seeds = spec.seeds
+    seeds = [s for s in spec.seeds if s in results["cold_start"]]
     rows: dict[str, dict] = {}
     per_seed: dict[str, dict] = {}
     entries = {"cold_start": results["cold_start"], **results["arms"]}
