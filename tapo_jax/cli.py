@@ -29,7 +29,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from tapo_jax.study import load_study, run_study
 
     spec = load_study(args.config, quick=args.quick, output_dir=args.out,
-                      overrides=args.overrides)
+                      overrides=args.overrides,
+                      arms=args.arms.split(",") if args.arms else None,
+                      seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None)
     run_study(spec)
     return 0
 
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default="configs/study.yaml", help="study config")
     p.add_argument("--quick", action="store_true", help="the config's quick preset")
     p.add_argument("--out", default=None, help="output directory (default: from the config)")
+    p.add_argument("--arms", default=None, help="comma-separated arms of the config to run")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (replace the config's)")
     p.add_argument("overrides", nargs="*", help="run-config overrides applied to every run")
     p.set_defaults(func=_cmd_study)
 

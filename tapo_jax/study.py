@@ -79,8 +79,32 @@ def _as_list(x: Any, key: str, source: str) -> list:
 
 
 def load_study(path: str | Path, *, quick: bool = False, output_dir: Optional[str] = None,
-               overrides: Optional[list[str]] = None) -> StudySpec:
-    """The study config; ``quick`` applies its ``quick:`` section (seeds, arms, overrides)."""
+               overrides: Optional[list[str]] = None, arms: Optional[list[str]] = None,
+               seeds: Optional[list[int]] = None) -> StudySpec:
+    """The study config; ``quick`` applies its ``quick:`` section (seeds, arms, overrides);
+    ``arms`` / ``seeds`` then select among the config's arms / replace the seeds."""
+    spec = _load_study(path, quick=quick, output_dir=output_dir, overrides=overrides)
+    if arms:
+        missing = [a for a in arms if a not in spec.arms and a not in _all_arms(path)]
+        if missing:
+            raise ConfigError(f"{path}: arms {missing} are not in the study config")
+        every = _all_arms(path)
+        spec.arms = {a: every[a] for a in arms}
+        if spec.reference not in spec.arms:
+            raise ConfigError(f"the reference arm {spec.reference!r} must be among --arms")
+        spec.figure_arms = [a for a in spec.figure_arms if a in spec.arms]
+    if seeds:
+        spec.seeds = list(seeds)
+    return spec
+
+
+def _all_arms(path: str | Path) -> dict[str, list[str]]:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return {str(k): [str(o) for o in (v or [])] for k, v in (raw.get("arms") or {}).items()}
+
+
+def _load_study(path: str | Path, *, quick: bool, output_dir: Optional[str],
+                overrides: Optional[list[str]]) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study config not found: {path}")
