@@ -377,11 +377,11 @@ def _init_params(cfg: Config, policy: "Policy", like: Any) -> Any:
     if (path / "hf" / "config.json").is_file():
         path = path / "hf"
     if (path / "config.json").is_file():
-        from tapo_jax.models.hf import load_hf
+        from tapo_jax.models.hf import RUNTIME_FIELDS, load_hf
         from tapo_jax.train.state import split_params
 
         model = load_hf(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        mesh=policy.mesh)
+                        mesh=policy.mesh, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
         params = split_params(model)[1]
     else:
         from tapo_jax.train import checkpoints as ckpt_lib
