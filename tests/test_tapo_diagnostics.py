@@ -13,7 +13,7 @@ from tapo_jax.config import Config, DataConfig, RLConfig, TrainConfig
 from tapo_jax.data import arithmetic as A
 from tapo_jax.data.cold_start import construction_example
 from tapo_jax.data.datasets import encode_prompts
-from tapo_jax.rewards.math import score
+from tapo_jax.rewards.verifier import score
 from tapo_jax.rl.advantages import tapo_advantages
 from tapo_jax.tapo import diagnostics as D
 from tapo_jax.tapo.batch import Row, build_batch_arrays

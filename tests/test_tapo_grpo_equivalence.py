@@ -18,7 +18,7 @@ from tapo_jax.data import arithmetic as A
 from tapo_jax.data.datasets import encode_prompts
 from tapo_jax.models import sharding as sh
 from tapo_jax.models.presets import PRESETS
-from tapo_jax.rewards.math import score
+from tapo_jax.rewards.verifier import score
 from tapo_jax.rl.advantages import tapo_advantages
 from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
 from tapo_jax.tapo.batch import build_batch_arrays
