@@ -25,6 +25,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from tapo_jax.study import load_study, run_study
+
+    spec = load_study(args.config, quick=args.quick, output_dir=args.out,
+                      overrides=args.overrides,
+                      arms=args.arms.split(",") if args.arms else None,
+                      seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None)
+    run_study(spec)
+    return 0
+
+
 def _config_for(args: argparse.Namespace):
     """``--config`` with the overrides; without it, the config a checkpoint's run directory
     recorded (``DIR/config.yaml``, also for ``DIR/checkpoints``), else the defaults."""
@@ -111,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("study", help="paired multi-seed study: one cold start per seed, every "
+                       "arm from it; table with 95%% intervals, paired differences, diagnostics")
+    p.add_argument("--config", "-c", default="configs/study.yaml", help="study config")
+    p.add_argument("--quick", action="store_true", help="the config's quick preset")
+    p.add_argument("--out", default=None, help="output directory (default: from the config)")
+    p.add_argument("--arms", default=None, help="comma-separated arms of the config to run")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (replace the config's)")
+    p.add_argument("overrides", nargs="*", help="run-config overrides applied to every run")
+    p.set_defaults(func=_cmd_study)
+
     p = sub.add_parser("eval", help="Pass@k, DSR and ERR of a policy on a dataset")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None, help="run dir, checkpoint dir or HF dir")
@@ -144,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_JAX_COMMANDS = ("train", "eval", "sample", "filter")
+_JAX_COMMANDS = ("train", "eval", "sample", "filter", "study")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,6 +128,9 @@ class RLConfig:
     synthesis_template: Literal["auto", "compact", "natural"] = "auto"
     sft_only: bool = False
     ref_group_includes_originals: bool = False
+    # train a reconstruction only from its reflection line on; the erroneous prefix it copies
+    # stays in the sequence as context but carries no loss
+    ref_loss_from_reflection: bool = False
     # Regularisers
     kl_coef: float = 0.0
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
@@ -211,6 +214,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    # start RL from these weights (an HF directory, a run directory or its checkpoints/), with
+    # no cold start; they are also the KL reference
+    init_from: Optional[str] = None
     overwrite: bool = False  # start over in an output_dir that holds an earlier run
     log_every: int = 1  # cold start: log every max(log_every, 10) steps
     wandb_project: str = ""  # also log to this wandb project (when wandb is installed)

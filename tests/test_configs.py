@@ -12,7 +12,8 @@ import yaml
 from tapo_jax.config import ConfigError, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL = sorted(CONFIGS.glob("*.yaml"))
+STUDY = "study.yaml"  # a study config (tapo_jax.study), not a run config: tested below
+ALL = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != STUDY)
 # Fields that name a run rather than change it.
 LABELS = {"name", "description", "train.output_dir"}
 
@@ -142,3 +143,13 @@ def test_a_broken_recipe_names_file_and_key(tmp_path):
     bad.write_text((CONFIGS / "tapo.yaml").read_text().replace("n_neg: 4", "n_neg: 40"))
     with pytest.raises(ConfigError, match=r"bad\.yaml.*rl\.n_neg"):
         load_config(bad)
+
+
+def test_study_config_arms_are_valid_run_configs():
+    from tapo_jax.study import load_study
+
+    for quick in (False, True):
+        spec = load_study(CONFIGS / STUDY, quick=quick)
+        assert spec.reference in spec.arms and len(spec.seeds) >= 3
+        for overrides in spec.arms.values():
+            load_config(spec.base_config, spec.overrides + overrides)

@@ -328,3 +328,22 @@ def test_run_eval_on_arithmetic_problems(use_oracle):
     assert res.dsr["mean"] == pytest.approx(0.5)  # correct: the solution (direct) and the fix
     assert res.pass_at_k["pass@1"]["mean"] == pytest.approx(0.5)
     assert res.pass_at_k["pass@4"]["mean"] == pytest.approx(1.0)
+
+
+def test_run_eval_oracle_reflection_counts():
+    from tapo_jax.train.evaluate import arithmetic_tracer
+
+    problems, table = arithmetic_responses()
+    res = run_eval(lambda prompts, n, seed: [table[q][:n] for q in prompts],
+                   [p.record() for p in problems], EvalConfig(num_samples=4, k_max=4), seed=0,
+                   tracer=arithmetic_tracer)
+    # per problem: 2 of 4 responses reflect ("Wait, ..."), 1 of them recovers and is correct;
+    # the other correct response is direct
+    P = len(problems)
+    assert res.counts["oracle_reflecting"] == 2 * P
+    assert res.counts["oracle_recovered"] == P
+    assert res.err_oracle["mean"] == pytest.approx(0.5)
+    assert res.dsr_oracle["mean"] == pytest.approx(0.5)
+    plain = run_eval(lambda prompts, n, seed: [table[q][:n] for q in prompts],
+                     [p.record() for p in problems], EvalConfig(num_samples=4, k_max=4), seed=0)
+    assert plain.dsr_oracle == {} and "oracle_reflecting" not in plain.counts

@@ -2,8 +2,9 @@
 (prompt ids, completion ids, query index, is_reflection, reward).
 
 Layout (right padding, see tapo_jax/types.py): row b holds its P prompt tokens, then its C
-completion tokens, then padding. ``loss_mask[b, t] = 1`` exactly for t in [P, P + C) (entry t
-refers to predicting ``tokens[b, t]``), so prompt and padding tokens are never trained.
+completion tokens, then padding. ``loss_mask[b, t] = 1`` exactly for t in [P + S, P + C) (entry t
+refers to predicting ``tokens[b, t]``; S is the row's ``loss_start``, 0 unless the start of the
+completion is context only), so prompt and padding tokens are never trained.
 Shapes come from buckets (T from ``length_buckets``, B from ``row_buckets``) so that the jitted
 step compiles once per bucket; padding rows have ``row_mask = 0``.
 
@@ -37,6 +38,11 @@ class Row:
     is_reflection: bool = False
     reward: float = 0.0
     logprobs: Sequence[float] | None = None  # per completion token, optional (old_logprobs)
+    # completion tokens before this index are context only (loss-masked), e.g. the erroneous
+    # prefix of a reconstruction under rl.ref_loss_from_reflection
+    loss_start: int = 0
+    # (start, end) completion tokens of a reconstruction's reflection line (diagnostics)
+    reflection_span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def build_batch_arrays(
         tokens[b, P:L] = np.asarray(r.completion_ids[:keep], np.int32)
         positions[b, :L] = np.arange(L, dtype=np.int32)
         attention_mask[b, :L] = 1
-        loss_mask[b, P:L] = 1.0
+        loss_mask[b, P + min(max(r.loss_start, 0), keep):L] = 1.0
         if r.logprobs is not None:
             if len(r.logprobs) != C:
                 raise ValueError(f"row {b}: {len(r.logprobs)} logprobs for {C} completion tokens")

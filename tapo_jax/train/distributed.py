@@ -286,6 +286,18 @@ def sum_across_processes(counters: Mapping[str, Any]) -> dict[str, Any]:
     return total
 
 
+def host_array(x: Any) -> Any:
+    """The whole of ``x`` as a NumPy array on this process: gathered from every process when the
+    array spans devices of several (a batch placed as a global array), else fetched."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier ``name``."""
     from jax.experimental import multihost_utils

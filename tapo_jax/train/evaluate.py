@@ -326,9 +326,27 @@ class EvalResult:
     # Pass@1 when the answer may also be stated in words ("the answer is 12"): an evaluation-only
     # reading of the responses, reported beside (never instead of) the strict boxed score
     lenient_pass_at_1: dict[str, Optional[float]] = field(default_factory=dict)
+    # DSR / ERR with reflection and recovery read by the task's oracle (``tracer``) instead of
+    # marker phrases: a response reflects when it has a "Wait, ..." line, and has recovered when
+    # it restated the expected step after an error and ended correct
+    dsr_oracle: dict[str, Optional[float]] = field(default_factory=dict)
+    err_oracle: dict[str, Optional[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def arithmetic_tracer(problem: EvalProblem, response: str) -> tuple[bool, bool]:
+    """(reflects, recovered) of a response by the arithmetic task's oracle
+    (:func:`tapo_jax.data.arithmetic.trace_response`)."""
+    from tapo_jax.data.arithmetic import trace_response
+
+    question = getattr(problem.meta, "question", None) or problem.prompt
+    try:
+        t = trace_response(question, response)
+    except ValueError:  # not an arithmetic question
+        return False, False
+    return t.reflected, t.recovered
 
 
 def arithmetic_oracle(problem: EvalProblem, prefix: str) -> bool:
@@ -373,6 +391,7 @@ def run_eval(
     score_fn: Optional[Callable] = None,
     lenient_score_fn: Optional[Callable] = None,
     num_examples: int = 3,
+    tracer: Optional[Callable[[EvalProblem, str], tuple[bool, bool]]] = None,
 ) -> EvalResult:
     """Evaluate a policy: R = ``cfg.runs`` runs of ``cfg.num_samples`` completions per problem.
 
@@ -420,7 +439,15 @@ def run_eval(
         for w in why:
             reasons[w] = reasons.get(w, 0) + 1
         cap["counts"]["markers_without_change"] = sum(a.has_marker and not a.reflects for a in refl)
+        if tracer is not None:
+            tr = np.array([tracer(items[j // n], t) for j, t in enumerate(flat)], bool)
+            tr = tr.reshape(correct.shape + (2,))
+            cap_o = capability_metrics(correct, tr[..., 0], tr[..., 1])
+            cap["counts"]["oracle_reflecting"] = int(tr[..., 0].sum())
+            cap["counts"]["oracle_recovered"] = int(tr[..., 1].sum())
+            cap["dsr_oracle"], cap["err_oracle"] = cap_o["dsr"], cap_o["err"]
         per_run.append(dict(seed=run_seed(seed, r), dsr=cap["dsr"], err=cap["err"],
+                            dsr_oracle=cap.get("dsr_oracle"), err_oracle=cap.get("err_oracle"),
                             counts=cap["counts"]))
         corrects.append(correct)
         for j, a in enumerate(refl):
@@ -444,6 +471,8 @@ def run_eval(
                       oracle=getattr(oracle, "__name__", None) if oracle else None),
         examples=examples,
         lenient_pass_at_1=_mean_std(lenient) if lenient else {},
+        dsr_oracle=_mean_std([run["dsr_oracle"] for run in per_run]) if tracer else {},
+        err_oracle=_mean_std([run["err_oracle"] for run in per_run]) if tracer else {},
     )
 
 
@@ -472,7 +501,8 @@ def format_table(results: dict[str, Any]) -> str:
         cells += [_pct(r["dsr"]), _pct(r["err"]), _pct(r.get("lenient_pass_at_1") or {})]
         lines.append("| " + " | ".join([name] + cells) + " |")
     keys = ["problems", "samples_per_problem", "runs", "correct_total", "zpd_problems",
-            "correct_direct", "reflecting", "reflecting_recovered", "markers_without_change"]
+            "correct_direct", "reflecting", "reflecting_recovered", "markers_without_change",
+            "oracle_reflecting", "oracle_recovered"]
     lines += ["", "| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for name, r in rows.items():
         cells = [str(r["counts"].get(k, "–")) for k in keys]

@@ -48,14 +48,25 @@ def _smooth(y: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
+def _rolling(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing rolling mean over ``window`` points (fewer at the start)."""
+    if window <= 1 or len(y) < 2:
+        return y
+    c = np.cumsum(np.insert(np.asarray(y, float), 0, 0.0))
+    idx = np.arange(1, len(y) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
 def plot_runs(run_dirs: Sequence[str | Path] | str | Path, out_png: str | Path, *,
               labels: Sequence[str] | None = None, smoothing: float = 0.0,
-              title: str | None = None) -> Path:
+              title: str | None = None, rolling: int = 0) -> Path:
     """Draw the six panels for every run in ``run_dirs`` (run directories or ``metrics.jsonl``
     paths) into ``out_png`` (2 x 3 grid, one legend entry per run). Returns the PNG path.
 
     ``labels`` default to the run directory names; ``smoothing`` in [0, 1) is the weight of an
-    exponential moving average drawn over the raw (faint) curve.
+    exponential moving average drawn over the raw (faint) curve; ``rolling`` > 1 draws a
+    trailing rolling mean of that many steps over the raw (faint) curve instead.
     """
     import matplotlib
 
@@ -83,9 +94,10 @@ def plot_runs(run_dirs: Sequence[str | Path] | str | Path, out_png: str | Path, 
                 continue
             x, y = s
             c = colors[i % len(colors)]
-            if smoothing > 0:
+            if rolling > 1 or smoothing > 0:
+                line = _rolling(y, rolling) if rolling > 1 else _smooth(y, smoothing)
                 ax.plot(x, y, color=c, alpha=0.25, linewidth=1)
-                ax.plot(x, _smooth(y, smoothing), color=c, label=label, linewidth=1.8)
+                ax.plot(x, line, color=c, label=label, linewidth=1.8)
             else:
                 ax.plot(x, y, color=c, label=label, linewidth=1.5)
             drawn = True

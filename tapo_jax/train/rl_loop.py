@@ -237,11 +237,17 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     else:
         batch, bstats, pad_metrics = assemble_batch(col, cfg, ctx.mesh, pad)
         unused = jnp.zeros(batch.tokens.shape, jnp.float32)  # a forward the update does not read
-        old_lp = unused if fns["on_policy"] else jax.block_until_ready(
-            fns["logprob"](state.params, batch)[0])
+        kl_measured = measures_kl(cfg, step)
+        # The forward at the rollout params: the old log-probs, unless the update computes them
+        # itself; TAPO's OTS diagnostics read its entropies on the steps that measure the KL.
+        diag_forward = rl.algorithm == "tapo" and kl_measured
+        old_lp, rollout_lp_ent = unused, None
+        if not fns["on_policy"] or diag_forward:
+            lp, ent = jax.block_until_ready(fns["logprob"](state.params, batch))
+            old_lp = unused if fns["on_policy"] else lp
+            rollout_lp_ent = (lp, ent) if diag_forward else None
         timings["time/logprobs_old"] = time.perf_counter() - t1
         t_ref = time.perf_counter()
-        kl_measured = measures_kl(cfg, step)
         ref_lp = jax.block_until_ready(
             fns["logprob"](ref_params, batch)[0]) if kl_measured else unused
         timings["time/logprobs_ref"] = time.perf_counter() - t_ref
@@ -249,6 +255,8 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
                               group_ids=gids)
         extra = {"kl_measured": float(kl_measured)}
+        if rl.algorithm == "tapo":
+            extra.update(_diagnostics(col, batch, rollout_lp_ent, cfg))
     jax.block_until_ready(batch)
     timings["time/logprobs"] = time.perf_counter() - t1
 
@@ -295,6 +303,37 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
         if isinstance(v, (int, float)):
             metrics[f"reward_pool/{k}"] = float(v)
     return state, metrics, col.examples
+
+
+def _diagnostics(col: rollout.Collected, batch: TrainBatch, lp_ent: Any,
+                 cfg: Config) -> dict[str, float]:
+    """Reflection-row advantages (every step) and, when ``lp_ent`` holds the log-probs and
+    entropies at the rollout params, OTS weights by region (prefix / reflection phrase /
+    continuation) of this iteration (``diag/*``). Arrays are gathered from every process."""
+    from tapo_jax.tapo import diagnostics
+    from tapo_jax.train.distributed import host_array
+
+    adv, refl, mask = (host_array(x) for x in (batch.advantages, batch.is_reflection,
+                                               batch.row_mask))
+    out = diagnostics.advantage_report(adv, refl, mask)
+    if lp_ent is None:
+        return {f"diag/{k}": v for k, v in out.items()}
+    lp, ent = (host_array(x) for x in lp_ent)
+    loss_mask = host_array(batch.loss_mask)
+    spans = []
+    for b, r in enumerate(col.rows):
+        if not r.is_reflection or r.reflection_span is None:
+            spans.append(None)
+            continue
+        P = len(r.prompt_ids)
+        kept = min(len(r.completion_ids), lp.shape[1] - P)
+        spans.append((P, r.reflection_span[0], r.reflection_span[1], kept))
+    masks = diagnostics.region_masks(lp.shape, spans)
+    out.update(diagnostics.ots_region_report(lp, ent, masks, w_min=cfg.rl.w_min,
+                                             w_max=cfg.rl.w_max))
+    trained = {k: float((m * loss_mask).sum()) for k, m in masks.items()}
+    out.update({f"trained_{k}_tokens": v for k, v in trained.items()})
+    return {f"diag/{k}": v for k, v in out.items()}
 
 
 def on_policy(cfg: Config) -> bool:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tapo_jax.config import Config
+from tapo_jax.tapo import diagnostics
 from tapo_jax.tapo import selection as dcs
 from tapo_jax.tapo import synthesis
 from tapo_jax.tapo.batch import Row
@@ -220,6 +221,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
     keep = [i for i, r in enumerate(recons) if r]
     if not keep:
         stats["constructions_correct"] = 0
+        stats["diag/parse_rate"] = 0.0
         return
     r_texts = [recons[i] for i in keep]
     golds = [str(recs[sel.pairs[i].query].answer) for i in keep]
@@ -233,14 +235,33 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
         kept += int(chk.kept)
     stats["prefix_preservation"] = float(np.mean(ratios))
     stats["prefix_kept_share"] = kept / len(keep)
+    checks = []
+    if cfg.data.kind == "arithmetic":  # the task's oracle judges each reconstruction
+        checks = [diagnostics.check_construction(recs[sel.pairs[i].query].prompt, wrongs[i],
+                                                 recons[i], float(rw))
+                  for i, rw in zip(keep, r_rew)]
+    report = diagnostics.construction_report(len(sel.pairs), len(keep), checks)
+    if not checks:
+        report["success_rate"] = float((r_rew > 0).mean())
+    stats.update({f"diag/{k}": v for k, v in report.items()})
     from tapo_jax.train.setup import end_of_turn_id
 
     end = end_of_turn_id(tokenizer)  # ends like a sampled response to the same prompt
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    no_span = 0
     for i, rw in zip(keep, r_rew):
         q = sel.pairs[i].query
-        y = tokenizer(recons[i], add_special_tokens=False)["input_ids"]
+        y = enc(recons[i])
+        span = diagnostics.reflection_regions(recons[i], enc)
+        no_span += span is None
+        start = span[0] if (span is not None and rl.ref_loss_from_reflection) else 0
         y = y + [end] if end is not None else y
-        out.rows.append(Row(ids[q], y, query_index=q, is_reflection=True, reward=float(rw)))
+        out.rows.append(Row(ids[q], y, query_index=q, is_reflection=True, reward=float(rw),
+                            loss_start=start, reflection_span=span))
+    stats["diag/no_reflection_span"] = no_span
     out.examples.append(dict(kind="reconstruction", question=questions[keep[0]],
                              wrong=wrongs[keep[0]], reconstruction=recons[keep[0]],
                              reward=float(r_rew[0])))

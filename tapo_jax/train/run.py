@@ -120,7 +120,8 @@ def _records(cfg: Config, eval_split: bool):
 
 
 def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: Path, name: str):
-    from tapo_jax.train.evaluate import arithmetic_oracle, run_eval, write_report
+    from tapo_jax.train.evaluate import (arithmetic_oracle, arithmetic_tracer, run_eval,
+                                         write_report)
 
     e = cfg.eval
     fn = policy.text_sample_fn(params, e.max_new_tokens or cfg.sampling.max_new_tokens,
@@ -129,7 +130,8 @@ def _evaluate(policy: Policy, params: Any, cfg: Config, records: list, out_dir: 
     t0 = time.time()
     problems = [_eval_problem(r, cfg) for r in records]
     result = run_eval(fn, problems, e, seed=cfg.train.seed + 7919, oracle=oracle,
-                      score_fn=_shared_score(False), lenient_score_fn=_shared_score(True))
+                      score_fn=_shared_score(False), lenient_score_fn=_shared_score(True),
+                      tracer=arithmetic_tracer if oracle is not None else None)
     result.settings["seconds"] = round(time.time() - t0, 1)
     from tapo_jax.train.distributed import is_main_process
 
@@ -240,7 +242,10 @@ def run_training(cfg: Config) -> dict:
         # The run takes over the initial weights: each state below donates the buffers of the
         # one before, so no stale copy (nor the cold start's optimizer moments) stays alive.
         params, policy.params = policy.params, None
-        if cfg.cold_start.enabled and cfg.cold_start.steps > 0:
+        if cfg.train.init_from:
+            params = _init_params(cfg, policy, params)
+            log.info("RL starts from %s (no cold start)", cfg.train.init_from)
+        elif cfg.cold_start.enabled and cfg.cold_start.steps > 0:
             from tapo_jax.train.cold_start import run_cold_start
 
             sft_tx = make_optimizer(*optim_config_for(cfg, "sft"))
@@ -260,6 +265,7 @@ def run_training(cfg: Config) -> dict:
             del sft_state
             summary["cold_start"] = cs_summary
             _export(policy, params, out / "hf_cold_start", cfg)
+        summary["init_params_sha256"] = params_digest(params)
         state, _ = train_state_from_params(params, tx, policy.mesh, donate=True)
         del params
         ref_params = rl_loop.copy_params(state.params)
@@ -361,10 +367,62 @@ def _prepare_run_dir(cfg: Config, out: Path) -> None:
         log.info("train.overwrite: removed the earlier run in %s", out)
 
 
+def params_digest(params: Any) -> str:
+    """SHA-256 of the params' bytes, leaves in tree order (paired runs start identical)."""
+    import hashlib
+
+    import jax
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        a = np.asarray(leaf)
+        h.update(str((a.shape, a.dtype)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _init_params(cfg: Config, policy: "Policy", like: Any) -> Any:
+    """The params named by ``train.init_from`` (HF directory, run directory or checkpoints
+    directory), checked against the policy's shapes (``like``)."""
+    import jax
+
+    path = Path(cfg.train.init_from)
+    if not path.exists():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    if (path / "hf" / "config.json").is_file():
+        path = path / "hf"
+    if (path / "config.json").is_file():
+        from tapo_jax.models.hf import RUNTIME_FIELDS, load_hf
+        from tapo_jax.train.state import split_params
+
+        model = load_hf(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                        mesh=policy.mesh, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
+        params = split_params(model)[1]
+    else:
+        from tapo_jax.train import checkpoints as ckpt_lib
+        from tapo_jax.train.state import abstract_train_state, make_optimizer, optim_config_for
+
+        ck_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ckpt_lib.check_checkpoint_dir(ck_dir)
+        kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
+        tx = make_optimizer(*optim_config_for(cfg, kind))
+        with ckpt_lib.Checkpointer(ck_dir, keep=cfg.train.keep_checkpoints) as manager:
+            params = manager.restore(abstract_train_state(cfg.model, tx, policy.mesh)[1]
+                                     ).state.params
+    shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), like)
+    if jax.tree.structure(shapes) != jax.tree.structure(want) or shapes != want:
+        raise ConfigError(f"train.init_from: the weights in {path} do not match the model of "
+                          "this config (model.* dimensions or dtypes)")
+    return params
+
+
 def _reference_params(cfg: Config, policy: "Policy") -> Any:
-    """Reference params of a resumed run: the cold-start export when there is one, else the
-    initial policy (the run's random init or ``model.hf_path``)."""
+    """Reference params of a resumed run: the cold-start export when there is one, else
+    ``train.init_from``, else the initial policy (the run's random init or ``model.hf_path``)."""
     out = Path(cfg.train.output_dir)
+    if cfg.train.init_from and not (out / "hf_cold_start").is_dir():
+        return _init_params(cfg, policy, policy.params)
     hf_dir = out / "hf_cold_start"
     if hf_dir.is_dir():
         from tapo_jax.models.hf import RUNTIME_FIELDS, load_hf
