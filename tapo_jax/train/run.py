@@ -373,9 +373,11 @@ def params_digest(params: Any) -> str:
 
     import jax
 
+    from tapo_jax.train.distributed import host_array
+
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(params)):
-        a = np.asarray(leaf)
+    for leaf in jax.tree.leaves(params):  # every process gathers each leaf: call it on all
+        a = host_array(leaf)
         h.update(str((a.shape, a.dtype)).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
