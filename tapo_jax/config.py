@@ -94,6 +94,11 @@ class SamplingConfig:
     # Construction (synthesis) generation budget; 0 = 2 * max_new_tokens.
     construction_max_new_tokens: int = 0
     construction_max_prompt_len: int = 0  # 0 = max_prompt_len + 2 * max_new_tokens + 128
+    # decoding of the constructions (None = the rollouts' temperature / top_p); a construction
+    # is the policy's best-effort rewrite, not exploration, so recipes may decode it like an
+    # evaluation (docs/design.md, "Decisions")
+    construction_temperature: Optional[float] = None
+    construction_top_p: Optional[float] = None
 
 
 @dataclass
@@ -194,7 +199,13 @@ class ColdStartConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 20
+    # after warmup: cosine down to optim.min_lr_ratio * learning_rate at the last step, or constant
+    schedule: Literal["constant", "cosine"] = "cosine"
     construction_fraction: float = 0.5
+    # arithmetic task: share of construction examples whose reference is a correct-answer solution
+    # with a compensated slip of its own (as the policy's correct rollouts often are), so that the
+    # copied prefix can only come from the wrong response (tapo_jax.data.cold_start)
+    reference_slip_fraction: float = 0.0
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
 
@@ -542,3 +553,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     c = cfg.cold_start
     _require(0 <= c.construction_fraction <= 1, source, "cold_start.construction_fraction",
              "must be in [0, 1]")
+    _require(0 <= c.reference_slip_fraction <= 1, source, "cold_start.reference_slip_fraction",
+             "must be in [0, 1]")
+    s = cfg.sampling
+    for key in ("construction_temperature", "construction_top_p"):
+        v = getattr(s, key)
+        _require(v is None or v >= 0, source, f"sampling.{key}", f"must be >= 0, got {v}")
+    _require(s.construction_top_p is None or 0 < s.construction_top_p <= 1, source,
+             "sampling.construction_top_p", "must be in (0, 1]")

@@ -63,7 +63,7 @@ def _scripted_sample_fn(real_sample_fn, problems):
         def encode(text):
             return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
-        def sample(prompt_ids, n, max_new_tokens, seed):
+        def sample(prompt_ids, n, max_new_tokens, seed, **decoding):
             real = inner(prompt_ids, n, max_new_tokens, seed)  # the multi-host sampler runs
             out = []
             for ids, got in zip(prompt_ids, real):

@@ -81,3 +81,43 @@ def test_sft_batch_trains_exactly_the_response_and_end_of_turn(problems, tok):
         assert lm[b, :len(p_ids)].sum() == 0
     assert np.asarray(batch.row_mask).sum() == 16
     assert len(set(np.asarray(batch.query_index).tolist())) == 16
+
+
+def test_compensated_reference_is_right_in_the_end_and_wrong_at_one_step():
+    rng = np.random.default_rng(0)
+    for seed in range(60):
+        p = A.generate_problem(np.random.default_rng(seed), min_steps=1, max_steps=4,
+                               operand_max=40)
+        ref = A.compensated_reference(p, rng)
+        lines = ref.split("\n")
+        assert lines[-1] == f"\\boxed{{{p.answer}}}"
+        assert len(lines) == len(p.solution.split("\n"))
+        wrong = [a != b for a, b in zip(lines, p.solution.split("\n"))]
+        step = A.first_error_step(p.question, ref)
+        assert step is not None and step < len(p.ops) and wrong[step]
+        assert 1 <= sum(wrong) <= 2  # the wrong step and, unless it is the last, the next one
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_reference_slips_change_the_shown_reference_only(problems, fraction):
+    plain = build_cold_start(problems, seed=3, construction_fraction=0.5)
+    d = build_cold_start(problems, seed=3, construction_fraction=0.5,
+                         reference_slip_fraction=fraction)
+    assert len(d.constructions) == len(plain.constructions)
+    changed = 0
+    for (p0, t0), (p1, t1) in zip(plain.constructions, d.constructions):
+        assert t1 == t0  # same wrong responses, same targets (continuing correctly)
+        q0, q1 = p0.split("Ref:\n"), p1.split("Ref:\n")
+        assert q1[0] == q0[0]  # question and wrong response unchanged
+        if q1[1] != q0[1]:
+            changed += 1
+            question = q1[0].split("\n")[1][len("Q: "):]
+            assert A.first_error_step(question, q1[1]) is not None
+            assert q1[1].split("\n")[-1] == q0[1].split("\n")[-1]  # same boxed answer
+    n = len(d.constructions)
+    if fraction == 0.0:
+        assert changed == 0
+    elif fraction == 1.0:
+        assert changed == n
+    else:
+        assert 0.3 * n < changed < 0.7 * n

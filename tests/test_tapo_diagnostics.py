@@ -116,7 +116,7 @@ def _scripted(tok, problems):
     def enc(text):
         return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
-    def sample(prompt_ids, n, max_new_tokens, seed):
+    def sample(prompt_ids, n, max_new_tokens, seed, **decoding):
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
         if "Wrong:" in texts[0]:  # the synthesis call: one output per pair, in pair order
             assert len(texts) == len(KINDS)

@@ -33,7 +33,7 @@ N_CORRECT = [3, 4, 2, 8]  # queries 0, 1, 2 are eligible (>= 2 correct, >= 4 wro
 def _sample_fn(tok, problems):
     rng = np.random.default_rng(0)
 
-    def sample(prompt_ids, n, max_new_tokens, seed):
+    def sample(prompt_ids, n, max_new_tokens, seed, **decoding):
         out = []
         for ids in prompt_ids:
             text = tok.decode(ids, skip_special_tokens=True)

@@ -249,7 +249,7 @@ def _scripted_context(cfg, counts, *, cut_last=False):
         if not cut_last:
             return inner
 
-        def sample(prompt_ids, n, max_new_tokens, seed):  # the last of each group was cut
+        def sample(prompt_ids, n, max_new_tokens, seed, **decoding):  # the last of each group was cut
             groups = inner(prompt_ids, n, max_new_tokens, seed)
             return [g[:-1] + [dataclasses.replace(g[-1], finish_reason="length")]
                     for g in groups]

@@ -42,8 +42,8 @@ def _script(tok, problems, n_correct):
     def encode_text(text):
         return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
-    def sample(prompt_ids, n, max_new_tokens, seed):
-        calls.append((len(prompt_ids), n, max_new_tokens))
+    def sample(prompt_ids, n, max_new_tokens, seed, **decoding):
+        calls.append((len(prompt_ids), n, max_new_tokens, decoding))
         out = []
         for ids in prompt_ids:
             text = tok.decode(ids, skip_special_tokens=True)
@@ -110,6 +110,8 @@ def test_collect_tapo_rows(setup):
         assert r.completion_ids[-1] == tok.eos_token_id
     # rollouts n=K for questions, then one batched n=1 call for the 6 synthesis prompts
     assert calls[0][:2] == (6, K) and calls[1][:2] == (6, 1)
+    # constructions use the sampler's decoding unless the config sets their own
+    assert calls[1][3] == dict(temperature=None, top_p=None)
     arrays, _ = build_batch_arrays(col.rows, num_queries=6, pad_id=tok.pad_token_id)
     n = len(col.rows)
     gid = np.asarray(assign_group_ids(arrays["query_index"][:n], arrays["is_reflection"][:n],
@@ -118,24 +120,25 @@ def test_collect_tapo_rows(setup):
     np.testing.assert_array_equal(gid[isref], 6 + arrays["query_index"][:n][isref])
 
 
-def test_sample_time_is_split_by_purpose(setup):
-    """Wall time inside rollout calls and inside synthesis calls is reported separately,
-    whatever the calls' n (a synthesis call is recognised by its content here)."""
-    import time
-
+def test_sample_time_is_split_by_purpose(setup, monkeypatch):
+    """Time inside rollout calls and inside synthesis calls is reported separately, whatever the
+    calls' n (a synthesis call is recognised by its content here). A fake clock that only the
+    sample calls advance makes the split exact."""
     tok, problems = setup
     counts = [0, 1, 2, 4, 5, 8]
     inner, _ = _script(tok, problems, {p.question: c for p, c in zip(problems, counts)})
+    clock = [100.0]
+    monkeypatch.setattr(rollout.time, "perf_counter", lambda: clock[0])
 
-    def sample(prompt_ids, n, max_new_tokens, seed):
+    def sample(prompt_ids, n, max_new_tokens, seed, **decoding):
         synthesis = "Wrong:" in tok.decode(prompt_ids[0], skip_special_tokens=True)
-        time.sleep(0.4 if synthesis else 0.1)
+        clock[0] += 0.4 if synthesis else 0.1
         return inner(prompt_ids, n, max_new_tokens, seed)
 
     col = rollout.collect([p.record() for p in problems], cfg=_cfg(), tokenizer=tok, step=0,
                           sample=sample, score=score, encode=lambda ps: encode_prompts(ps, tok))
-    assert 0.4 <= col.sample_seconds["construction"] < 0.4 + 0.09
-    assert 0.1 <= col.sample_seconds["sampling"] < 0.1 + 0.09
+    assert col.sample_seconds["construction"] == pytest.approx(0.4)
+    assert col.sample_seconds["sampling"] == pytest.approx(0.1)
 
 
 def test_collect_grpo_has_no_constructions(setup):
@@ -179,3 +182,16 @@ def test_dynamic_sampling_replaces_flat_groups(setup):
     assert col.num_queries == 2
     assert set((col.rewards > 0).sum(1)) == {3}
     assert col.stats["dynamic_dropped"] == 4
+
+
+def test_constructions_are_decoded_with_their_own_settings(setup):
+    tok, problems = setup
+    counts = [0, 1, 2, 4, 5, 8]
+    sample, calls = _script(tok, problems, {p.question: c for p, c in zip(problems, counts)})
+    cfg = _cfg()
+    cfg.sampling.construction_temperature, cfg.sampling.construction_top_p = 0.6, 0.9
+    encode = lambda prompts: encode_prompts(prompts, tok)  # noqa: E731
+    rollout.collect([p.record() for p in problems], cfg=cfg, tokenizer=tok, step=0,
+                    sample=sample, score=score, encode=encode)
+    assert calls[0][3] == {}  # rollouts: the sampler's own temperature / top_p
+    assert calls[1][3] == dict(temperature=0.6, top_p=0.9)

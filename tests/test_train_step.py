@@ -144,6 +144,18 @@ def test_lr_schedule_matches_formula():
     assert float(const(0)) == float(const(19)) == np.float32(1e-3)
 
 
+def test_cold_start_optimizer_has_its_own_lr_warmup_and_schedule():
+    from tapo_jax.config import ColdStartConfig
+
+    cfg = Config(optim=OptimConfig(learning_rate=1e-6, warmup_steps=0, schedule="constant"),
+                 cold_start=ColdStartConfig(enabled=True, steps=50, learning_rate=2e-3,
+                                            warmup_steps=5, schedule="cosine"))
+    optim, total = optim_config_for(cfg, "sft")
+    assert (optim.learning_rate, optim.warmup_steps, optim.schedule, total) == (
+        2e-3, 5, "cosine", 50)
+    assert optim_config_for(cfg, "rl")[0].schedule == "constant"
+
+
 def test_micro_batches_equal_full_batch(setup, full_step):
     cfg, mesh8, _, graphdef, state8, _ = setup
     _, new_full, m_full = full_step

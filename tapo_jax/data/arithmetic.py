@@ -36,6 +36,7 @@ __all__ = [
     "Trace",
     "build_tokenizer",
     "classify_error",
+    "compensated_reference",
     "first_error_step",
     "generate_problem",
     "generate_problems",
@@ -441,6 +442,23 @@ def make_slip(problem: Problem, rng: np.random.Generator, kind: str | None = Non
     if c == problem.answer or lines[k] == solution_lines(xs, ops)[k]:
         return None
     return Slip("\n".join(lines + [f"\\boxed{{{c}}}"]), k, kind)
+
+
+def compensated_reference(problem: Problem, rng: np.random.Generator) -> str:
+    """A solution with the right final answer and one wrong step whose error the next line
+    cancels (``8 + 6 = 15`` then ``15 - 10 = 4``; a wrong last step is followed by the right
+    ``\\boxed{}``), as a small policy's "correct" responses often are. Cold-start construction
+    examples show it as the reference so that the copied prefix can only come from the wrong
+    response."""
+    xs, ops = list(problem.operands), list(problem.ops)
+    rs = [xs[0]] + problem.results
+    lines = solution_lines(xs, ops)
+    j = int(rng.integers(len(ops)))
+    wrong = _wrong_digit(rs[j + 1], rng)
+    lines[j] = _step(rs[j], ops[j], xs[j + 1], wrong)
+    if j + 1 < len(ops):  # the next step starts from the wrong value and lands on the true one
+        lines[j + 1] = _step(wrong, ops[j + 1], xs[j + 2], rs[j + 2])
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tapo_jax.data.arithmetic import (
     ANALYSIS_PHRASES,
     Problem,
     classify_error,
+    compensated_reference,
     first_error_step,
     make_slip,
     reflection_phrase,
@@ -49,9 +50,12 @@ class ColdStartData:
 
 
 def construction_example(problem: Problem, slip_text: str, *, style: str = "compact",
-                         mode: str = "micro") -> tuple[str, str]:
+                         mode: str = "micro", shown_reference: str | None = None
+                         ) -> tuple[str, str]:
     """(synthesis prompt, ``<analysis>..</analysis>\\n<reconstruction>..</reconstruction>``)
-    for an erroneous solution of ``problem``; the oracle locates and names the error."""
+    for an erroneous solution of ``problem``; the oracle locates and names the error. The prompt
+    shows ``shown_reference`` (default: the correct solution) as the reference; the target
+    always continues with the correct solution."""
     q, ref = problem.question, problem.solution
     step = first_error_step(q, slip_text)
     if step is None:
@@ -65,7 +69,7 @@ def construction_example(problem: Problem, slip_text: str, *, style: str = "comp
         recon = ref
     else:
         raise ValueError(f"cold-start construction mode must be micro or full, got {mode!r}")
-    prompt = build_synthesis_prompt(q, slip_text, ref, style=style, mode=mode)
+    prompt = build_synthesis_prompt(q, slip_text, shown_reference or ref, style=style, mode=mode)
     return prompt, format_construction(analysis, recon)
 
 
@@ -76,15 +80,25 @@ def build_cold_start(
     construction_fraction: float = 0.5,
     style: str = "compact",
     mode: str = "micro",
+    reference_slip_fraction: float = 0.0,
 ) -> ColdStartData:
     """Solutions for every problem plus construction examples, so that constructions make up
     ``construction_fraction`` of all examples (1.0: constructions only, one per problem).
-    Slip kinds are drawn uniformly; problems for constructions are drawn with replacement."""
+    Slip kinds are drawn uniformly; problems for constructions are drawn with replacement.
+    A ``reference_slip_fraction`` share of the construction prompts shows a
+    :func:`~tapo_jax.data.arithmetic.compensated_reference` (right answer, one cancelled wrong
+    step) instead of the correct solution: when the reference is always the clean solution,
+    its lines before the error equal the wrong response's, and a model that copies the prefix
+    from the reference is never corrected; at RL time the policy's correct responses often
+    differ from the wrong one before its error."""
+    if not 0.0 <= reference_slip_fraction <= 1.0:
+        raise ValueError(f"reference_slip_fraction must be in [0, 1], got {reference_slip_fraction}")
     if not 0.0 <= construction_fraction <= 1.0:
         raise ValueError(f"construction_fraction must be in [0, 1], got {construction_fraction}")
     if not problems:
         raise ValueError("build_cold_start: no problems")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC01D]))
+    ref_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC01D, 1]))
     data = ColdStartData()
     if construction_fraction < 1.0:
         data.solutions = [(p.question, p.solution) for p in problems]
@@ -101,7 +115,11 @@ def build_cold_start(
                 raise ValueError("could not make erroneous solutions for these problems "
                                  "(are all operands 0?)")
             continue
-        data.constructions.append(construction_example(p, slip.text, style=style, mode=mode))
+        shown = None
+        if reference_slip_fraction > 0 and ref_rng.random() < reference_slip_fraction:
+            shown = compensated_reference(p, ref_rng)
+        data.constructions.append(construction_example(p, slip.text, style=style, mode=mode,
+                                                       shown_reference=shown))
     return data
 
 

@@ -47,7 +47,8 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
     mode = "full" if cfg.rl.construction == "full" else "micro"
     data = cs_data.build_cold_start(
         problems, seed=cfg.train.seed, construction_fraction=cs.construction_fraction,
-        style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode)
+        style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode,
+        reference_slip_fraction=cs.reference_slip_fraction)
     return cs_data.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
                                    chat=cfg.data.chat_template)
 

@@ -206,7 +206,9 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
                  for p in prompts]
         budget = cfg.sampling.construction_max_new_tokens or 2 * cfg.sampling.max_new_tokens
         t0 = time.perf_counter()
-        gens = sample(s_ids, 1, budget, _seed(cfg.train.seed, step, 1000))
+        gens = sample(s_ids, 1, budget, _seed(cfg.train.seed, step, 1000),
+                      temperature=cfg.sampling.construction_temperature,
+                      top_p=cfg.sampling.construction_top_p)
         out.sample_seconds["construction"] += time.perf_counter() - t0
         outs = [decode(tokenizer, g[0].tokens) for g in gens]
         parsed = [synthesis.parse_construction(o) for o in outs]

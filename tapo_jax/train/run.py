@@ -75,7 +75,8 @@ class Policy:
 
     def sample_fn(self, params: Any, *, temperature: Optional[float] = None,
                   top_p: Optional[float] = None):
-        """``(prompt_ids, n, max_new_tokens, seed) -> list[list[Completion]]`` with ``params``."""
+        """``(prompt_ids, n, max_new_tokens, seed, *, temperature=None, top_p=None) ->
+        list[list[Completion]]`` with ``params``; a call's temperature / top_p override these."""
         from tapo_jax.train.rollout import Completion
 
         s = self.cfg.sampling
@@ -86,10 +87,11 @@ class Policy:
         temp = s.temperature if temperature is None else temperature
         tp = s.top_p if top_p is None else top_p
 
-        def sample(prompt_ids, n, max_new_tokens, seed):
+        def sample(prompt_ids, n, max_new_tokens, seed, *, temperature=None, top_p=None):
             ro = sampler.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens,
-                                  temperature=temp, top_p=tp, top_k=s.top_k, min_p=s.min_p,
-                                  stop_ids=self.stop_ids, seed=seed)
+                                  temperature=temp if temperature is None else temperature,
+                                  top_p=tp if top_p is None else top_p, top_k=s.top_k,
+                                  min_p=s.min_p, stop_ids=self.stop_ids, seed=seed)
             out = [[None] * n for _ in prompt_ids]
             for i in range(len(ro.prompt_index)):
                 toks = [int(t) for t in ro.tokens[i][: ro.lengths[i]]]

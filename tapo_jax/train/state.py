@@ -67,7 +67,7 @@ def optim_config_for(cfg: Config, kind: Kind = "rl") -> tuple[OptimConfig, int]:
     if kind == "sft":
         cs = cfg.cold_start
         optim = dataclasses.replace(cfg.optim, learning_rate=cs.learning_rate,
-                                    warmup_steps=cs.warmup_steps)
+                                    warmup_steps=cs.warmup_steps, schedule=cs.schedule)
         return optim, max(cs.steps, 1)
     if kind not in ("rl", "opsd"):
         raise ValueError(f"kind must be 'rl', 'sft' or 'opsd', got {kind!r}")
