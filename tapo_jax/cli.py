@@ -7,6 +7,7 @@ Every subcommand takes ``--config FILE`` (optional where defaults make sense) fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from tapo_jax.config import ConfigError, load_config
@@ -32,6 +33,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
                       overrides=args.overrides,
                       arms=args.arms.split(",") if args.arms else None,
                       seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None)
+    if args.cold_start_only:
+        spec = dataclasses.replace(spec, arms={}, figure_arms=[])
     run_study(spec)
     return 0
 
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: from the config)")
     p.add_argument("--arms", default=None, help="comma-separated arms of the config to run")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (replace the config's)")
+    p.add_argument("--cold-start-only", action="store_true",
+                   help="train and evaluate only the seeds' cold starts (their spread over "
+                   "seeds); report in cold_starts.md / .json beside the study's")
     p.add_argument("overrides", nargs="*", help="run-config overrides applied to every run")
     p.set_defaults(func=_cmd_study)
 

@@ -262,15 +262,18 @@ def _run_study(spec: StudySpec, out: Path) -> dict:
             results["arms"][name][seed] = r
             log.info("study: seed %d arm %s %s = %.3f (%.0f s)", seed, name, spec.metric,
                      _metric(r, spec.metric), r["seconds_with_eval"])
+        if not spec.arms:
+            continue
         # the report so far (every finished seed), rewritten after each seed
         partial = summarize(spec, results)
         (out / "study.json").write_text(json.dumps(partial, indent=1, default=float))
         (out / "study.md").write_text(format_report(partial))
     report = summarize(spec, results)
     report["seconds"] = time.time() - t0
-    (out / "study.json").write_text(json.dumps(report, indent=1, default=float))
+    name = "study" if spec.arms else "cold_starts"  # a cold-start-only run keeps the study's
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))
     md = format_report(report)
-    (out / "study.md").write_text(md)
+    (out / f"{name}.md").write_text(md)
     if spec.figure_arms:
         try:
             _figure(spec, out)
@@ -337,8 +340,10 @@ def summarize(spec: StudySpec, results: dict) -> dict:
         keys = {k for s in by_seed for k in by_seed[s].get("diagnostics", {})}
         diags[name] = {k: _mean_none([by_seed[s]["diagnostics"].get(k) for s in by_seed])
                        for k in sorted(keys)}
+    cold = [per_seed["cold_start"][s][spec.metric] for s in seeds]
+    spread = float(max(cold) - min(cold)) if cold else None
     return dict(spec=spec.__dict__, seeds=seeds, table=rows, per_seed=per_seed, paired=paired,
-                diagnostics=diags, runs=_jsonable(results))
+                diagnostics=diags, cold_start_spread=spread, runs=_jsonable(results))
 
 
 def _mean_none(v: list) -> Optional[float]:
@@ -373,6 +378,12 @@ def format_report(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells)
                      + f" | {row['oracle_reflecting_responses']} |")
     ref, metric = spec["reference"], spec["metric"]
+    cold = report["per_seed"]["cold_start"]
+    lines += ["", f"Cold start {metric} per seed: "
+              + ", ".join(f"seed {s} {100 * cold[s][metric]:.1f}" for s in seeds)
+              + f"; spread (max - min) {100 * (report['cold_start_spread'] or 0):.1f} points."]
+    if not report["paired"]:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Paired difference in {metric} against {ref} (points), per seed and mean ± "
               "95% interval; wins / losses over seeds:", "",
               "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | W/L |",

@@ -58,3 +58,19 @@ def test_study_two_seeds_two_arms(tmp_path):
             != saved["runs"]["cold_start"]["1"]["init_params_sha256"])
     assert "zpd_share" in saved["diagnostics"]["tapo"]
     assert report["table"]["tapo"]["pass@1"]["n"] == 2
+    cold = [saved["per_seed"]["cold_start"][s]["pass@1"] for s in ("0", "1")]
+    assert saved["cold_start_spread"] == pytest.approx(max(cold) - min(cold))
+
+    # the cold starts alone (CLI): finished seeds are reused, the study's report is kept
+    from tapo_jax.cli import main
+
+    before = (out / "study.json").read_text()
+    assert main(["study", "--config", str(spec_path), "--quick", "--out", str(out),
+                 "--cold-start-only"]) == 0
+    assert (out / "study.json").read_text() == before
+    cs = json.loads((out / "cold_starts.json").read_text())
+    assert set(cs["table"]) == {"cold_start"} and cs["paired"] == {}
+    assert cs["cold_start_spread"] == pytest.approx(saved["cold_start_spread"])
+    assert cs["runs"]["cold_start"]["1"]["init_params_sha256"] == (
+        saved["runs"]["cold_start"]["1"]["init_params_sha256"])
+    assert "spread (max - min)" in (out / "cold_starts.md").read_text()
