@@ -8,7 +8,7 @@ Every measurement runs in its own subprocess (so ``peak_rss_mb`` is that case's 
 ``resource.getrusage``) and prints one JSON line; the parent prints them and one ``ratio`` line
 per case.
 
-Case ``train_step``: one jitted update (``tapo_jax.rl.train_step.make_train_step``) on a GRPO
+Case ``train_step``: one jitted update (``tapo_jax.train.step.make_train_step``) on a GRPO
 batch (Q queries x K rollouts) and on a TAPO batch of the *same* shape and token counts
 (fewer queries, plus reflection rows: ``is_reflection``, mixed rewards, DAE group ids). Prompt
 tokens are random, every prompt has P tokens, and row i of both batches has the same response
@@ -22,7 +22,7 @@ On GPU, ``mfu`` = 6 x params x real tokens / step time / peak FLOP/s (``mfu_padd
 
 Case ``iteration``: ``tapo_jax.train.rl_loop.rl_iteration`` for ``configs/grpo.yaml`` and
 ``configs/tapo.yaml`` (cold start off) on the same random "demo"-preset model, with the real
-sampler (:class:`tapo_jax.train.run.Policy`), the arithmetic task and the real math verifier.
+sampler (:class:`tapo_jax.train.policy.Policy`), the arithmetic task and the real math verifier.
 A random model solves nothing and writes no parseable construction, so two things are scripted,
 identically for both algorithms: the rewards (the verifier still runs on every text and is
 timed; its verdicts are replaced by a fixed pattern -- every other query has 3 of K correct, and
@@ -126,7 +126,7 @@ def _synthetic_rows(algorithm: str, *, rows: int, length: int, prompt_len: int, 
     """
     import numpy as np
 
-    from tapo_jax.tapo.batch import Row
+    from tapo_jax.data.batching import Row
 
     if rows % K:
         raise SystemExit(f"--rows {rows} must be a multiple of K = {K}")
@@ -160,8 +160,8 @@ def run_train_step(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from tapo_jax.models import sharding
-    from tapo_jax.rl.train_step import make_logprob_fn, make_train_step, split_minibatches
-    from tapo_jax.tapo.batch import build_batch_arrays
+    from tapo_jax.train.step import make_logprob_fn, make_train_step, split_minibatches
+    from tapo_jax.data.batching import build_batch_arrays
     from tapo_jax.train.rl_loop import make_advantage_fn
     from tapo_jax.train.state import create_train_state, make_optimizer, optim_config_for
     from tapo_jax.types import TrainBatch
@@ -298,7 +298,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
     from tapo_jax.data.arithmetic import make_splits
     from tapo_jax.rewards.verifier import Verifier
     from tapo_jax.train import rl_loop
-    from tapo_jax.train.run import Policy
+    from tapo_jax.train.policy import Policy
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
 
     _check_backend(args)

@@ -54,7 +54,7 @@ def main() -> None:
     from tapo_jax.models import attention as attn
     from tapo_jax.models import sharding as sh
     from tapo_jax.models.presets import PRESETS
-    from tapo_jax.rl.train_step import make_train_step
+    from tapo_jax.train.step import make_train_step
     from tapo_jax.sampling import Sampler
     from tapo_jax.train.state import create_train_state, make_optimizer, optim_config_for
     from tapo_jax.types import TrainBatch

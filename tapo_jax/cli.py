@@ -55,7 +55,7 @@ def _config_for(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tapo_jax.train.run import run_evaluation
+    from tapo_jax.train.inference import run_evaluation
 
     cfg = _config_for(args)
     run_evaluation(cfg, checkpoint=args.checkpoint, out_dir=args.out)
@@ -63,7 +63,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from tapo_jax.train.run import run_sample
+    from tapo_jax.train.inference import run_sample
 
     cfg = _config_for(args)
     run_sample(cfg, prompts=args.prompt, n=args.n, checkpoint=args.checkpoint)
@@ -71,7 +71,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from tapo_jax.train.plot import plot_runs
+    from tapo_jax.evaluation.plot import plot_runs
 
     out = plot_runs(args.run_dirs, args.out)
     print(f"wrote {out}")
@@ -94,7 +94,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     a = p.parse_args(args.rest)
     from pathlib import Path
 
-    from tapo_jax.train.run import export_checkpoint
+    from tapo_jax.train.inference import export_checkpoint
 
     config = a.config
     if config is None:
@@ -107,7 +107,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
-    from tapo_jax.train.run import run_filter
+    from tapo_jax.train.inference import run_filter
 
     cfg = _config_for(args)
     run_filter(cfg, out_path=args.out, n=args.n, lo=args.lo, hi=args.hi, checkpoint=args.checkpoint)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a missing or unreadable checkpoint: its message names the path
-        from tapo_jax.train.checkpoints import CheckpointError
+        from tapo_jax.types import CheckpointError
 
         if not isinstance(e, CheckpointError):
             raise

@@ -204,7 +204,7 @@ class ColdStartConfig:
     construction_fraction: float = 0.5
     # arithmetic task: share of construction examples whose reference is a correct-answer solution
     # with a compensated slip of its own (as the policy's correct rollouts often are), so that the
-    # copied prefix can only come from the wrong response (tapo_jax.data.cold_start)
+    # copied prefix can only come from the wrong response (tapo_jax.data.sft_examples)
     reference_slip_fraction: float = 0.0
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
@@ -437,9 +437,20 @@ def sampler_max_len(cfg: Config) -> int:
     max_len = s.max_prompt_len + s.max_new_tokens
     if cfg.rl.algorithm == "tapo":
         prompt = s.construction_max_prompt_len or (s.max_prompt_len + 2 * s.max_new_tokens + 128)
-        budget = s.construction_max_new_tokens or 2 * s.max_new_tokens
-        max_len = max(max_len, prompt + budget)
+        max_len = max(max_len, prompt + construction_budget(cfg))
     return max_len
+
+
+def construction_budget(cfg: Config) -> int:
+    """New tokens a construction may have (``sampling.construction_max_new_tokens``, else twice
+    a response's)."""
+    s = cfg.sampling
+    return s.construction_max_new_tokens or 2 * s.max_new_tokens
+
+
+def training_kind(cfg: Config) -> str:
+    """The update the RL stage runs: ``"opsd"`` (distillation) or ``"rl"`` (GRPO / TAPO)."""
+    return "opsd" if cfg.rl.algorithm == "opsd" else "rl"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def memory_stats(lower: Callable[[], Any]) -> dict[str, Any]:
 def train_step_memory(cfg: Config, mesh: Mesh, *, kind: str = "rl", rows: int, length: int
                       ) -> dict[str, Any]:
     """Memory of one ``kind`` train step (``rl`` or ``sft``) on ``rows`` x ``length`` rows."""
-    from tapo_jax.rl.train_step import make_train_step
+    from tapo_jax.train.step import make_train_step
 
     tx = make_optimizer(*optim_config_for(cfg, kind))
     graphdef, state, _ = abstract_train_state(cfg.model, tx, mesh)
@@ -72,7 +72,7 @@ def train_step_memory(cfg: Config, mesh: Mesh, *, kind: str = "rl", rows: int, l
 def logprob_memory(cfg: Config, mesh: Mesh, *, rows: int, length: int,
                    micro_batch_size: int = 0) -> dict[str, Any]:
     """Memory of the teacher-forced log-prob forward (old / reference log-probs)."""
-    from tapo_jax.rl.train_step import make_logprob_fn
+    from tapo_jax.train.step import make_logprob_fn
 
     tx = make_optimizer(*optim_config_for(cfg, "rl"))
     graphdef, state, _ = abstract_train_state(cfg.model, tx, mesh)

@@ -11,6 +11,9 @@ per-seed paired differences against the reference arm, per-arm mechanism diagnos
 ``study.json`` (everything, per seed and per arm), ``figure3.png`` (the six training-dynamics
 panels of the figure arms, seed-averaged, rolling mean over the faint raw series), and one run
 directory per (seed, arm). A study that is run again skips the runs it already finished.
+
+Over 400 lines on purpose: the study's spec, its runs and its report are one command; they share
+the spec's arms and seeds and nothing else in the package uses them.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def _run_cfg(spec: StudySpec, seed: int, extra: list[str], out_dir: Path):
 
 
 def _evaluate_dir(cfg, run_dir: Path) -> dict:
-    from tapo_jax.train.run import run_evaluation
+    from tapo_jax.train.inference import run_evaluation
 
     res = run_evaluation(cfg, checkpoint=str(run_dir / "hf"), out_dir=str(run_dir / "eval"))
     return res.to_dict()
@@ -227,9 +230,9 @@ def run_study(spec: StudySpec) -> dict:
     """Cold start per seed, then every arm from it; returns (and writes) the study report."""
     import jax
 
-    from tapo_jax.train.run import _setup_logging
+    from tapo_jax.train.metrics import setup_logging
 
-    _setup_logging()
+    setup_logging()
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # every arm recompiles the same functions: keep the compiled executables on disk
@@ -406,7 +409,7 @@ def format_report(report: dict) -> str:
 def _figure(spec: StudySpec, out: Path) -> None:
     """Seed-averaged metrics per figure arm, drawn as the six dynamics panels."""
     from tapo_jax.train.metrics import read_metrics
-    from tapo_jax.train.plot import PANELS, plot_runs
+    from tapo_jax.evaluation.plot import PANELS, plot_runs
 
     keys = {k for _, names in PANELS for k in names}
     dirs = []

@@ -14,6 +14,11 @@ import flax.struct
 import jax
 
 
+class CheckpointError(ValueError):
+    """A checkpoint (an HF directory or training checkpoints) is missing, unsupported or cannot
+    be read; the message names the path, tensor or config field."""
+
+
 @flax.struct.dataclass
 class TrainBatch:
     tokens: jax.Array  # int32[B, T]

@@ -16,6 +16,12 @@ Fixtures for model tests:
     Weights are drawn N(0, std^2) and every RMSNorm weight 1 + N(0, std^2), larger than HF's
     init, so that attention patterns, rotary phases and the norms visibly shape the logits.
 
+Marker ``transfer_guard``: the test body runs under ``jax.transfer_guard("disallow")``, so an
+implicit host-to-device transfer (a NumPy array or Python scalar handed to a jitted function, an
+eager ``jnp`` op on host data) fails it; transfers that are meant are explicit
+(``jax.device_put`` / ``jax.device_get`` / ``place_batch``). Module-scoped fixtures run before
+the guard.
+
 ``hf_torch(path) -> transformers.Qwen3ForCausalLM`` (session scope)
     The checkpoint at ``path`` loaded by transformers in float32 with eager attention, in eval
     mode (cached per path): the reference implementation for parity tests.
@@ -30,6 +36,23 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "transfer_guard: run under jax.transfer_guard('disallow') (no implicit "
+        "host<->device transfer)")
+
+
+@pytest.fixture(autouse=True)
+def _transfer_guard(request):
+    if request.node.get_closest_marker("transfer_guard") is None:
+        yield
+        return
+    import jax
+
+    with jax.transfer_guard("disallow"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ def _scripted_sample_fn(real_sample_fn, problems):
     import numpy as np
 
     from tapo_jax.data import arithmetic as A
-    from tapo_jax.data.cold_start import construction_example
+    from tapo_jax.data.sft_examples import construction_example
     from tapo_jax.train.rollout import Completion
 
     by_question = {p.question: p for p in problems}
@@ -104,12 +104,12 @@ def train(argv: list[str]) -> int:
     from tapo_jax.cli import main
     from tapo_jax.config import load_config
     from tapo_jax.data.arithmetic import make_splits
-    from tapo_jax.train import run
+    from tapo_jax.train.policy import Policy
 
     args = argv[argv.index("--config") + 1:]
     cfg = load_config(args[0], [a for a in args[1:] if "=" in a])
     problems = make_splits(cfg.data, cfg.train.seed)[0]
-    run.Policy.sample_fn = _scripted_sample_fn(run.Policy.sample_fn, problems)
+    Policy.sample_fn = _scripted_sample_fn(Policy.sample_fn, problems)
     return main(["train", *argv])
 
 

@@ -21,8 +21,9 @@ import pytest
 from tapo_jax.config import ColdStartConfig, Config, MeshConfig, ModelConfig
 from tapo_jax.models import sharding as sh
 from tapo_jax.models.presets import PRESETS
-from tapo_jax.rl.train_step import make_train_step
-from tapo_jax.train.checkpoints import CheckpointError, Checkpointer, check_checkpoint_dir
+from tapo_jax.train.step import make_train_step
+from tapo_jax.train.checkpoints import Checkpointer, check_checkpoint_dir
+from tapo_jax.types import CheckpointError
 from tapo_jax.train.state import abstract_train_state, create_train_state, make_optimizer, \
     optim_config_for
 from tapo_jax.types import TrainBatch

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tapo_jax.config import DataConfig
 from tapo_jax.data import arithmetic as A
-from tapo_jax.data.cold_start import build_cold_start
+from tapo_jax.data.sft_examples import build_cold_start
 from tapo_jax.data.datasets import format_prompt
 
 SETTINGS = settings(max_examples=40, deadline=None)

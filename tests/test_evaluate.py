@@ -13,10 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tapo_jax.config import EvalConfig
-from tapo_jax.train.evaluate import (
+from tapo_jax.evaluation.evaluate import (
     EvalProblem,
-    capability_metrics,
-    detect_reflection,
     evaluate_samples,
     format_table,
     pass_at_k,
@@ -24,6 +22,7 @@ from tapo_jax.train.evaluate import (
     run_seed,
     write_report,
 )
+from tapo_jax.evaluation.reflection import capability_metrics, detect_reflection
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -131,7 +130,7 @@ def test_detect_reflection_cases():
 
 
 def test_equations_are_plain_arithmetic_left_sides():
-    from tapo_jax.train.evaluate import _equations
+    from tapo_jax.evaluation.reflection import _equations
 
     text = ("Step 1. 48 + 37 = 85, 2^3 + 1 = 9, x + 1 = 5, -3 - 5 = -8, $(2 + 3) * 4 = 20$, "
             "6 \\times 7 = 42, 7 = 7, 1.5 * 2 = 3.0 and 12 + 7 = 190")
@@ -294,7 +293,7 @@ def arithmetic_responses():
 
 def test_arithmetic_reflections_match_the_task_trace():
     from tapo_jax.data.arithmetic import trace_response
-    from tapo_jax.train.evaluate import arithmetic_oracle
+    from tapo_jax.evaluation.evaluate import arithmetic_oracle
 
     problems, table = arithmetic_responses()
     assert len(problems) >= 20
@@ -314,7 +313,7 @@ def test_arithmetic_reflections_match_the_task_trace():
 @pytest.mark.parametrize("use_oracle", [True, False])
 def test_run_eval_on_arithmetic_problems(use_oracle):
     from tapo_jax.data.arithmetic import trace_response
-    from tapo_jax.train.evaluate import arithmetic_oracle
+    from tapo_jax.evaluation.evaluate import arithmetic_oracle
 
     problems, table = arithmetic_responses()
     res = run_eval(lambda prompts, n, seed: [table[q][:n] for q in prompts],
@@ -331,7 +330,7 @@ def test_run_eval_on_arithmetic_problems(use_oracle):
 
 
 def test_run_eval_oracle_reflection_counts():
-    from tapo_jax.train.evaluate import arithmetic_tracer
+    from tapo_jax.evaluation.evaluate import arithmetic_tracer
 
     problems, table = arithmetic_responses()
     res = run_eval(lambda prompts, n, seed: [table[q][:n] for q in prompts],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tapo_jax.train.metrics import MetricsWriter, Progress, StepTimer, read_metrics
-from tapo_jax.train.plot import PANELS, plot_runs
+from tapo_jax.evaluation.plot import PANELS, plot_runs
 
 
 def fake_run(run_dir, steps, seed, *, with_ots=True):

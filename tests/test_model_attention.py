@@ -128,7 +128,7 @@ def test_splash_in_the_sharded_forward_equals_single_device_xla():
     from tapo_jax.config import MeshConfig, ModelConfig
     from tapo_jax.models import sharding as sh
     from tapo_jax.models.qwen3 import Qwen3
-    from tapo_jax.rl.train_step import make_logprob_fn
+    from tapo_jax.train.step import make_logprob_fn
     from tapo_jax.train.state import split_params
 
     cfg = ModelConfig(num_layers=2, attention="xla")

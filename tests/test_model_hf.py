@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tapo_jax.models import export_state_to_hf, load_hf, save_hf
-from tapo_jax.models.hf import CheckpointError, config_from_hf, convert_main, hf_config_dict
+from tapo_jax.types import CheckpointError
+from tapo_jax.models.hf import config_from_hf, convert_main, hf_config_dict
 
 UNTIED = dict(num_heads=4, num_kv_heads=2, head_dim=24, tie=False, rope_theta=5e6)
 TIED = dict(num_heads=4, num_kv_heads=1, tie=True)

@@ -16,7 +16,7 @@ from tapo_jax.config import Config, MeshConfig, ModelConfig, RLConfig
 from tapo_jax.memory import abstract_batch, memory_stats
 from tapo_jax.models import sharding as sh
 from tapo_jax.models.qwen3 import unstack_layers
-from tapo_jax.rl import train_step as ts
+from tapo_jax.train import step as ts
 from tapo_jax.train.state import abstract_params, split_params
 from tapo_jax.models.qwen3 import Qwen3
 

@@ -125,8 +125,10 @@ def test_sharded_cache_decode_equals_single_device(checkpoint):
 
 def test_load_reads_only_each_devices_slice(checkpoint, monkeypatch):
     """With a mesh, every tensor is assembled from per-device slices of the file mapping."""
+    from tapo_jax.models import hf
+
     calls = []
-    original = jax.make_array_from_callback
+    original = hf.put_global
 
     def spy(shape, sharding, callback):
         def cb(idx):
@@ -135,7 +137,7 @@ def test_load_reads_only_each_devices_slice(checkpoint, monkeypatch):
             return out
         return original(shape, sharding, cb)
 
-    monkeypatch.setattr(jax, "make_array_from_callback", spy)
+    monkeypatch.setattr(hf, "put_global", spy)
     load_hf(checkpoint, mesh=make_mesh(MeshConfig(2, 2, 2)), rules=TRAIN_RULES)
     q_shape = (4, 24, 64)  # q_proj: heads over tensor (2), model dim over fsdp (2)
     assert {got for shape, got in calls if shape == q_shape} == {(2, 24, 32)}

@@ -165,7 +165,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume_like_one(tmp_path, c
         for key in ("pass_at_k", "counts", "reasons", "problem_pass_rate", "dsr", "err"):
             assert e_many[name][key] == e_one[name][key], (name, key)
     assert e_one["before"]["counts"]["responses"] == 4 * 5
-    from tapo_jax.train.evaluate import format_table
+    from tapo_jax.evaluation.evaluate import format_table
 
     assert format_table(e_many) == format_table(e_one)
     assert (many / "eval" / "eval.md").read_text() == (one / "eval" / "eval.md").read_text()

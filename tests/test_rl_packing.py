@@ -13,8 +13,8 @@ from tapo_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, RLConf
 from tapo_jax.models import sharding as sh
 from tapo_jax.models.presets import PRESETS
 from tapo_jax.rl import packing
-from tapo_jax.rl.train_step import (OPSDBatch, _accumulate, _opsd_loss_fn, _rl_loss_fn,
-                                    _rl_prepare, _sft_loss_fn, make_logprob_fn, rows_logprobs)
+from tapo_jax.train.step import (OPSDBatch, _accumulate, _opsd_loss_fn, _rl_loss_fn,
+                                 _rl_prepare, _sft_loss_fn, make_logprob_fn, rows_logprobs)
 from tapo_jax.train.state import create_train_state, make_optimizer, optim_config_for
 from tapo_jax.types import TrainBatch
 

@@ -20,8 +20,8 @@ from tapo_jax.models import sharding as sh
 from tapo_jax.models.presets import PRESETS
 from tapo_jax.rewards.verifier import score
 from tapo_jax.rl.advantages import tapo_advantages
-from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
-from tapo_jax.tapo.batch import build_batch_arrays
+from tapo_jax.train.step import make_logprob_fn, make_train_step
+from tapo_jax.data.batching import build_batch_arrays
 from tapo_jax.train import rollout
 from tapo_jax.train.state import create_train_state, make_optimizer, optim_config_for
 from tapo_jax.types import TrainBatch

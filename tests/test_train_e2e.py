@@ -18,6 +18,9 @@ import pytest
 
 from tapo_jax.config import ConfigError, load_config
 
+# no implicit host<->device transfer: batches are placed explicitly (conftest.py)
+pytestmark = pytest.mark.transfer_guard
+
 TINY = [
     "model.preset=tiny", "model.vocab_size=128", "model.num_layers=1",
     "sampling.max_new_tokens=16", "sampling.max_prompt_len=32", "sampling.num_slots=16",
@@ -77,7 +80,7 @@ def test_cold_start_then_tapo(tmp_path):
 
     # the other entry points on the finished run: eval from its HF export and its checkpoint,
     # sample, pass-rate filtering, checkpoint -> HF conversion
-    from tapo_jax.train.run import export_checkpoint, run_evaluation, run_filter, run_sample
+    from tapo_jax.train.inference import export_checkpoint, run_evaluation, run_filter, run_sample
 
     cfg = load_config("configs/demo.yaml", TINY + [f"train.output_dir={run}"])
     result = run_evaluation(cfg, checkpoint=str(run), out_dir=str(tmp_path / "ev"))
@@ -155,7 +158,7 @@ def test_scripted_tapo_iteration_trains_on_parsed_constructions(tmp_path):
     from tapo_jax.data.datasets import encode_prompts
     from tapo_jax.rewards.verifier import score
     from tapo_jax.train import rl_loop
-    from tapo_jax.train.run import Policy
+    from tapo_jax.train.policy import Policy
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
     from test_train_rollout import _script
 
@@ -207,8 +210,8 @@ def test_bad_config_exits_with_named_key(tmp_path):
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
-    from tapo_jax.train.checkpoints import CheckpointError
-    from tapo_jax.train.run import run_evaluation
+    from tapo_jax.types import CheckpointError
+    from tapo_jax.train.inference import run_evaluation
 
     cfg = load_config("configs/demo.yaml", TINY + [f"train.output_dir={tmp_path / 'x'}"])
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -237,7 +240,7 @@ def _scripted_context(cfg, counts, *, cut_last=False):
     from tapo_jax.rewards.verifier import score
     from tapo_jax.train import rl_loop
     from tapo_jax.train.rollout import Completion
-    from tapo_jax.train.run import Policy
+    from tapo_jax.train.policy import Policy
     from test_train_rollout import _script
 
     policy = Policy(cfg)
@@ -267,7 +270,7 @@ def _scripted_context(cfg, counts, *, cut_last=False):
 def test_scripted_opsd_iteration_distills_from_the_solution_prompt(tmp_path):
     """OPSD: teacher rows are the question plus a correct solution of the group, then the same
     response; groups without a correct rollout train nothing; the update moves the params."""
-    from tapo_jax.train import rl_loop, rollout
+    from tapo_jax.train import assembly, rl_loop, rollout
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
 
     cfg = load_config("configs/demo.yaml", TINY + [
@@ -278,20 +281,20 @@ def test_scripted_opsd_iteration_distills_from_the_solution_prompt(tmp_path):
     pad = policy.tokenizer.pad_token_id
     col = rollout.collect([p.record() for p in problems], cfg=cfg, tokenizer=policy.tokenizer,
                           step=0, sample=sample, score=ctx.score, encode=encode)
-    batch, _, skipped, _ = rl_loop.assemble_opsd_batch(col, cfg, policy.mesh, pad, encode)
+    batch, _, skipped, _ = assembly.assemble_opsd_batch(col, cfg, policy.mesh, pad, encode)
     assert skipped == 4  # the 4 rollouts of the query with no correct answer
-    s_mask = np.asarray(batch.student.loss_mask)
-    t_mask = np.asarray(batch.teacher_loss_mask)
+    s_mask, t_mask, s_tokens, t_tokens = jax.device_get((
+        batch.student.loss_mask, batch.teacher_loss_mask, batch.student.tokens,
+        batch.teacher_tokens))
     for b, row in enumerate(col.rows):
         trained = row.query_index != 1
         assert (s_mask[b].sum() > 0) == trained and s_mask[b].sum() == t_mask[b].sum()
         if trained:  # the teacher sees the group's first correct solution before the response
-            teacher = policy.tokenizer.decode(np.asarray(batch.teacher_tokens[b]),
-                                              skip_special_tokens=True)
+            teacher = policy.tokenizer.decode(t_tokens[b], skip_special_tokens=True)
             assert "A correct solution:" in teacher
             assert problems[row.query_index].solution.splitlines()[0] in teacher
-            t_resp = np.asarray(batch.teacher_tokens[b])[t_mask[b] > 0]
-            s_resp = np.asarray(batch.student.tokens[b])[s_mask[b] > 0]
+            t_resp = t_tokens[b][t_mask[b] > 0]
+            s_resp = s_tokens[b][s_mask[b] > 0]
             np.testing.assert_array_equal(t_resp, s_resp)
 
     tx = make_optimizer(*optim_config_for(cfg, "opsd"))
@@ -311,7 +314,7 @@ def test_scripted_opsd_iteration_distills_from_the_solution_prompt(tmp_path):
 
 @pytest.mark.parametrize("overlong_filter", [False, True])
 def test_overlong_filter_masks_truncated_rollouts(overlong_filter):
-    from tapo_jax.train import rl_loop, rollout
+    from tapo_jax.train import assembly, rollout
 
     cfg = load_config("configs/demo.yaml", TINY + [
         "rl.algorithm=grpo", "rl.num_samples=4", "train.batch_size=2",
@@ -322,7 +325,7 @@ def test_overlong_filter_masks_truncated_rollouts(overlong_filter):
                           tokenizer=policy.tokenizer, step=0, sample=sample, score=ctx.score,
                           encode=encode)
     assert col.truncated.tolist() == [False, False, False, True] * 2
-    batch, _, _ = rl_loop.assemble_batch(col, policy.cfg, policy.mesh,
+    batch, _, _ = assembly.assemble_batch(col, policy.cfg, policy.mesh,
                                       policy.tokenizer.pad_token_id)
     trained = np.asarray(batch.loss_mask).sum(1)[: len(col.rows)] > 0
     assert trained.tolist() == [True, True, True, not overlong_filter] * 2
@@ -350,7 +353,7 @@ def test_cheaper_iteration_gives_the_update_of_the_full_one():
         run_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, kl_every=every))
         fns = rl_loop.build_device_fns(run_cfg, policy.graphdef, policy.mesh,
                                        old_from_update=own)
-        assert fns["on_policy"] == (name == "cheap")
+        assert fns.on_policy == (name == "cheap")
         state, _ = train_state_from_params(rl_loop.copy_params(init), tx, policy.mesh)
         state, metrics, _ = rl_loop.rl_iteration(
             run_cfg, ctx, state=state, ref_params=rl_loop.copy_params(init), step=1,

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
 from tapo_jax.config import Config, DataConfig, RLConfig, TrainConfig
 from tapo_jax.data import arithmetic as A
-from tapo_jax.data.cold_start import construction_example
+from tapo_jax.data.sft_examples import construction_example
 from tapo_jax.data.datasets import encode_prompts
 from tapo_jax.rewards.verifier import score
 from tapo_jax.rl import assign_group_ids
-from tapo_jax.tapo.batch import build_batch_arrays
+from tapo_jax.data.batching import build_batch_arrays
 from tapo_jax.train import rollout
+
+# no implicit host<->device transfer: batches are placed explicitly (conftest.py)
+pytestmark = pytest.mark.transfer_guard
 
 K = 8
 
@@ -114,8 +118,10 @@ def test_collect_tapo_rows(setup):
     assert calls[1][3] == dict(temperature=None, top_p=None)
     arrays, _ = build_batch_arrays(col.rows, num_queries=6, pad_id=tok.pad_token_id)
     n = len(col.rows)
-    gid = np.asarray(assign_group_ids(arrays["query_index"][:n], arrays["is_reflection"][:n],
-                                      num_queries=6, decoupled=True))
+    group_ids = jax.jit(assign_group_ids, static_argnames=("num_queries", "decoupled"))
+    gid = np.asarray(group_ids(*jax.device_put((arrays["query_index"][:n],
+                                                arrays["is_reflection"][:n])),
+                               num_queries=6, decoupled=True))
     isref = arrays["is_reflection"][:n]
     np.testing.assert_array_equal(gid[isref], 6 + arrays["query_index"][:n][isref])
 

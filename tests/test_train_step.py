@@ -13,11 +13,15 @@ import pytest
 from tapo_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, RLConfig, TrainConfig
 from tapo_jax.models import sharding as sh
 from tapo_jax.models.presets import PRESETS
-from tapo_jax.rl.train_step import (OPSDBatch, average_metrics, make_logprob_fn, make_train_step,
-                                    split_minibatches, update_on_batch)
+from tapo_jax.train.step import (OPSDBatch, average_metrics, make_logprob_fn, make_train_step,
+                                 split_minibatches, update_on_batch)
 from tapo_jax.train.state import (abstract_params, create_train_state, make_optimizer,
                                   optim_config_for, train_state_shardings)
+from tapo_jax.train.assembly import place_batch
 from tapo_jax.types import TrainBatch
+
+# no implicit host<->device transfer: batches are placed explicitly (conftest.py)
+pytestmark = pytest.mark.transfer_guard
 
 B, T, CHUNK = 8, 16, 128  # vocabulary 512 streams in 4 chunks
 
@@ -139,9 +143,12 @@ def test_lr_schedule_matches_formula():
         else:
             frac = min(t - 4, 16) / 16
             want = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
-        np.testing.assert_allclose(float(sched(t)), want, rtol=1e-6, err_msg=str(t))
+        got = jax.jit(sched)(jax.device_put(np.int32(t)))
+        np.testing.assert_allclose(float(got), want, rtol=1e-6, err_msg=str(t))
     const = lr_schedule(OptimConfig(learning_rate=1e-3, schedule="constant"), 20)
-    assert float(const(0)) == float(const(19)) == np.float32(1e-3)
+    const = jax.jit(const)
+    assert float(const(jax.device_put(np.int32(0)))) == float(const(jax.device_put(np.int32(19)))) \
+        == np.float32(1e-3)
 
 
 def test_cold_start_optimizer_has_its_own_lr_warmup_and_schedule():
@@ -161,7 +168,7 @@ def test_micro_batches_equal_full_batch(setup, full_step):
     _, new_full, m_full = full_step
     cfg_mb = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=4))
     step = make_train_step(graphdef, cfg_mb, mesh8, kind="rl", chunk_size=CHUNK, donate=False)
-    new, m = step(state8, make_batch())
+    new, m = step(state8, place_batch(make_batch(), mesh8))
     assert_same_update(new_full, host(new), m_full, host(m))
 
 
@@ -169,22 +176,25 @@ def test_sharded_equals_single_device(setup, full_step):
     cfg, _, mesh1, graphdef, _, state1 = setup
     _, new8, m8 = full_step
     step = make_train_step(graphdef, cfg, mesh1, kind="rl", chunk_size=CHUNK, donate=False)
-    new1, m1 = step(state1, make_batch())
+    new1, m1 = step(state1, place_batch(make_batch(), mesh1))
     assert_same_update(host(new1), new8, host(m1), m8)
 
 
 def numpy_logits(graphdef, params, batch):
     from flax import nnx
 
-    return np.asarray(nnx.merge(graphdef, params)(
-        batch.tokens, batch.positions, batch.attention_mask), np.float64)
+    forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b.tokens, b.positions,
+                                                         b.attention_mask))
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return np.asarray(forward(params, jax.device_put(batch, replicated)), np.float64)
 
 
 def test_logprob_fn_matches_numpy_softmax(setup):
     _, mesh8, _, graphdef, state8, _ = setup
     batch = make_batch(seed=1)
     fn = make_logprob_fn(graphdef, mesh8, chunk_size=CHUNK, micro_batch_size=4)
-    lp, ent = fn(state8.params, batch)
+    lp, ent = fn(state8.params, place_batch(batch, mesh8))
     logits = numpy_logits(graphdef, state8.params, batch)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -201,7 +211,7 @@ def test_sft_loss_is_token_mean_nll(setup):
     batch = make_batch(seed=2)
     logits = numpy_logits(graphdef, state8.params, batch)
     step = make_train_step(graphdef, cfg, mesh8, kind="sft", chunk_size=CHUNK, donate=False)
-    _, m = step(state8, batch)
+    _, m = step(state8, place_batch(batch, mesh8))
     # Independent: NLL of token t from the logits at t-1, mean over trained tokens of real rows.
     total, count = 0.0, 0
     for b in range(B):
@@ -232,8 +242,8 @@ def test_opsd_teacher_equal_to_student_gives_zero(setup):
                       teacher_loss_mask=shift(s.loss_mask * s.row_mask[:, None]))
     bad = batch.replace(teacher_loss_mask=np.pad(batch.teacher_loss_mask, ((0, 0), (1, 0)))[:, :-1])
     step = make_train_step(graphdef, cfg, mesh1, kind="opsd", donate=False)
-    _, m = step(state1, batch)
-    _, m_bad = step(state1, bad)
+    _, m = step(state1, place_batch(batch, mesh1))
+    _, m_bad = step(state1, place_batch(bad, mesh1))
     assert float(m["opsd_tokens"]) == float((s.loss_mask * s.row_mask[:, None]).sum())
     assert float(m["loss"]) < 1e-6 and float(m["grad_norm"]) < 1e-5
     assert float(m_bad["loss"]) > 1e-3
@@ -245,8 +255,9 @@ def test_bf16_compute_keeps_f32_master_weights(setup):
     cfg16 = dataclasses.replace(cfg.model, dtype="bfloat16")
     graphdef16 = abstract_params(cfg16)[0]
     batch = make_batch(seed=2)
-    lp32, _ = make_logprob_fn(graphdef, mesh8, chunk_size=CHUNK)(state8.params, batch)
-    lp16, _ = make_logprob_fn(graphdef16, mesh8, chunk_size=CHUNK)(state8.params, batch)
+    placed = place_batch(batch, mesh8)
+    lp32, _ = make_logprob_fn(graphdef, mesh8, chunk_size=CHUNK)(state8.params, placed)
+    lp16, _ = make_logprob_fn(graphdef16, mesh8, chunk_size=CHUNK)(state8.params, placed)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state8.params))
     assert lp16.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(lp16), np.asarray(lp32), atol=0.05)
@@ -260,7 +271,7 @@ def test_bf16_train_step_updates_f32_master_weights(setup, full_step):
     cfg16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
     graphdef16 = abstract_params(cfg16.model)[0]
     step = make_train_step(graphdef16, cfg16, mesh8, kind="rl", chunk_size=CHUNK, donate=False)
-    new16, m16 = step(state8, make_batch())
+    new16, m16 = step(state8, place_batch(make_batch(), mesh8))
     new16 = host(new16)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(new16.params))
     assert np.isfinite(float(m16["loss"])) and float(m16["grad_norm"]) > 0
@@ -277,9 +288,10 @@ def test_ppo_epochs_and_minibatches(setup, full_step):
     cfg, mesh8, _, graphdef, state8, _ = setup
     step = full_step[0]
     batch = make_batch(seed=5, b=16)
-    parts = split_minibatches(batch, 2, mesh8)
+    parts = split_minibatches(place_batch(batch, mesh8), 2, mesh8)
     np.testing.assert_array_equal(np.asarray(parts[1].tokens), batch.tokens[1::2])
-    state, history = update_on_batch(step, jax.tree.map(jnp.copy, state8), batch, mesh8,
+    state, history = update_on_batch(step, jax.tree.map(jnp.copy, state8),
+                                     place_batch(batch, mesh8), mesh8,
                                      ppo_epochs=2, mini_batches=2)
     assert int(state.step) == 4 and [int(h["step"]) for h in history] == [1, 2, 3, 4]
     avg = average_metrics(history)

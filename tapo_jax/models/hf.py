@@ -2,12 +2,15 @@
 
 Loading never builds a full host copy of the model: the module is created abstractly
 (``nnx.eval_shape``), every safetensors file is memory-mapped, and each tensor becomes a device
-array through ``jax.make_array_from_callback``, which reads only the slice each device holds,
-straight into its target sharding. Our weights are HF's tensors reshaped per head (see qwen3.py),
+array through :func:`tapo_jax.models.sharding.put_global`, which reads only the slice each
+device holds, straight into its target sharding. Our weights are HF's tensors reshaped per head (see qwen3.py),
 so a tensor maps by a reshape and the round trip HF -> ours -> HF is byte-identical.
 
 Saving writes ``config.json``, ``generation_config.json`` and safetensors (split into several
 files with ``model.safetensors.index.json`` above ``max_shard_bytes``), one tensor at a time.
+
+Over 400 lines on purpose: loading and saving share the tensor-name and shape tables above them;
+apart, a renamed tensor would be changed on one side only.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from flax import nnx
 
 from tapo_jax.config import ConfigError, ModelConfig, validate_model
 from tapo_jax.models.qwen3 import Qwen3
-from tapo_jax.models.sharding import TRAIN_RULES, Rules, variable_sharding
+from tapo_jax.models.sharding import TRAIN_RULES, Rules, put_global, variable_sharding
+from tapo_jax.types import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,10 +45,6 @@ _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloa
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
-
-class CheckpointError(ValueError):
-    """An HF checkpoint is unsupported, incomplete or inconsistent; the message names the
-    tensor or config field."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32", param_dtype: Optional[s
             def read(idx, views=views):
                 return np.stack([np.asarray(views[i][idx[1:]], dtype=target)
                                  for i in range(len(views))[idx[0]]])
-        var.set_value(jax.make_array_from_callback(shape, sharding, read))
+        var.set_value(put_global(shape, sharding, read))
     return nnx.merge(graphdef, state)
 
 

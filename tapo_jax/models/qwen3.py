@@ -17,6 +17,9 @@ dtype before the weight multiplies it), rotary embeddings with ``rope_theta`` fr
 rotate-half layout (first half / second half of the head dim), ``q_norm``/``k_norm`` per head before
 the rotation, softmax in float32, SwiGLU MLP. Masked attention logits take a large finite negative
 value, so a fully masked query row gives finite (uniform) attention instead of NaN.
+
+Over 400 lines on purpose: the model is one file, as its HF counterpart is, so a parity bug is
+found by reading the two side by side (building blocks, the scanned stack, the cache).
 """
 
 from __future__ import annotations

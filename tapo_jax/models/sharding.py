@@ -123,6 +123,20 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+def put_global(shape: tuple[int, ...], sharding: Any, read: Any) -> jax.Array:
+    """A global array of ``shape`` with ``sharding`` whose shards this process reads from the
+    host (``read(index) -> np.ndarray`` for each of its devices' slices) and puts on their
+    devices explicitly (``jax.make_array_from_callback`` with explicit transfers)."""
+    shards = [jax.device_put(read(index), device) for device, index
+              in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over (``data`` x ``fsdp``): row counts are multiples."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) dim over data x fsdp, the other ``ndim - 1`` dims replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

@@ -4,7 +4,8 @@ See docs/design.md, "Method" and "Module contracts".
 
 ``advantages.py`` (DAE), ``logprobs.py`` (log-probs and entropies from hidden states),
 ``objective.py`` (clipped surrogate, OTS, aggregation, the TAPO terms), ``opsd.py`` (the OPSD
-divergence) and ``train_step.py`` (the jitted step that uses them).
+divergence) and ``packing.py`` (rows packed end to end). Pure functions of arrays: the jitted
+step that uses them is :mod:`tapo_jax.train.step`.
 """
 
 from tapo_jax.rl.advantages import assign_group_ids, group_advantages, tapo_advantages

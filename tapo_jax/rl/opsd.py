@@ -3,7 +3,7 @@
 The same model plays student (the question alone) and teacher (the question plus a correct
 solution, under stop-gradient) on the student's own rollout tokens; the loss is a per-token
 divergence between the two next-token distributions (docs/design.md, "Method"). The training step
-builds the [b, T, V] logits of each micro-batch b for it (:mod:`tapo_jax.rl.train_step`).
+builds the [b, T, V] logits of each micro-batch b for it (:mod:`tapo_jax.train.step`).
 """
 
 from __future__ import annotations

@@ -135,12 +135,12 @@ def micro_batches(rows: int, micro_batch_size: int) -> int:
 
 def pack_batch(batch: Any, *, micro_batch_size: int = 0, row_multiple: int = 1,
                rows_per_pack: int = 2) -> tuple[Any, PackingStats]:
-    """``batch`` (a TrainBatch of host or device arrays) with its :class:`Packing` attached:
-    packed rows of ``rows_per_pack`` times the batch's T (rows longer than half of T then still
-    pair up), micro-batches as the step will split it."""
+    """``batch`` (a TrainBatch of host or device arrays) with its :class:`Packing` attached as
+    host arrays (placed with the batch): packed rows of ``rows_per_pack`` times the batch's T
+    (rows longer than half of T then still pair up), micro-batches as the step will split it."""
     tokens = np.asarray(batch.tokens)
     p, stats = pack(tokens, np.asarray(batch.attention_mask),
                     length=rows_per_pack * tokens.shape[1],
                     groups=micro_batches(tokens.shape[0], micro_batch_size),
                     row_multiple=row_multiple)
-    return batch.replace(packing=jax.tree.map(jnp.asarray, p)), stats
+    return batch.replace(packing=p), stats

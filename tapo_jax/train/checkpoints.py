@@ -27,14 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tapo_jax.train.state import TrainState
+from tapo_jax.types import CheckpointError
 
 log = logging.getLogger("tapo_jax")
 
-__all__ = ["CheckpointError", "Checkpointer", "Restored", "check_checkpoint_dir"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or cannot be read. The message names the directory."""
+__all__ = ["Checkpointer", "Restored", "check_checkpoint_dir"]
 
 
 @dataclasses.dataclass
@@ -60,10 +57,10 @@ def _key_to_json(key: Optional[jax.Array]) -> Optional[dict]:
 def _key_from_json(obj: Optional[dict]) -> Optional[jax.Array]:
     if obj is None:
         return None
-    data = np.asarray(obj["data"], np.uint32)
+    data = jax.device_put(np.asarray(obj["data"], np.uint32))
     if obj.get("typed"):
         return jax.random.wrap_key_data(data, impl=obj.get("impl"))
-    return jax.numpy.asarray(data)
+    return data
 
 
 def _config_dict(config: Any) -> Optional[dict]:

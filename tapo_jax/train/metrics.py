@@ -9,6 +9,7 @@ a phase timer.
 - :class:`Progress` is a tqdm bar whose postfix shows a few key numbers.
 - :class:`StepTimer` measures the time split of an iteration (sampling, construction, reward,
   logprobs, update) and turns token counts into tokens/s.
+- :func:`setup_logging` sends the ``tapo_jax`` logger's INFO lines to stderr.
 """
 
 from __future__ import annotations
@@ -25,10 +26,23 @@ import numpy as np
 
 log = logging.getLogger("tapo_jax")
 
-__all__ = ["METRICS_FILE", "MetricsWriter", "Progress", "StepTimer", "read_metrics", "to_floats"]
+__all__ = ["METRICS_FILE", "MetricsWriter", "Progress", "StepTimer", "read_metrics",
+           "setup_logging", "to_floats"]
 
 METRICS_FILE = "metrics.jsonl"
 PHASES = ("sampling", "construction", "reward", "logprobs", "update")
+
+
+def setup_logging() -> None:
+    """INFO lines of the ``tapo_jax`` logger on stderr (whatever other libraries configured)."""
+    if not any(getattr(h, "_tapo", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._tapo = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -16,35 +16,39 @@ Forwards skipped when they cannot change the update:
   forward runs on every ``rl.kl_every``-th step only, and the ``kl`` metric is logged on those
   steps only (``kl_measured`` says which).
 
-Host work (sampling orchestration, rewards, parsing, batch assembly) lives in
-:mod:`tapo_jax.train.rollout`; device work is four jitted functions built once: the teacher-forced
+Host work (sampling orchestration, rewards, parsing) lives in :mod:`tapo_jax.train.rollout`,
+batch assembly and placement in :mod:`tapo_jax.train.assembly`; device work is four jitted functions built once: the teacher-forced
 log-prob forward, the advantage computation, the train step and the engine's decode loop.
 
 Several processes: the sampler and the reward function return the same (gathered) results on
-every process, so every process builds the same host batch; :func:`place_batch` turns it into
+every process, so every process builds the same host batch; :func:`~tapo_jax.train.assembly.place_batch` turns it into
 global arrays sharded over the mesh (each process supplies its devices' rows), and every
 advantage group is complete before normalising.
+
+Around the iterations, :func:`train_loop` runs the periodic work of a run (metrics, progress,
+examples, checkpoints) as :class:`Hooks`, each every N steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tapo_jax.config import Config
+from tapo_jax.config import Config, training_kind
+from tapo_jax.construction import diagnostics
+from tapo_jax.data.tokenizers import pad_id
 from tapo_jax.models import sharding as sharding_lib
-from tapo_jax.rl import packing
 from tapo_jax.rl.advantages import tapo_advantages
-from tapo_jax.tapo.batch import Row, build_batch_arrays, power_of_two_buckets
 from tapo_jax.train import rollout
+from tapo_jax.train.assembly import assemble_batch, assemble_opsd_batch
+from tapo_jax.train.distributed import host_array
+from tapo_jax.train.step import (average_metrics, make_logprob_fn, make_train_step,
+                                 update_on_batch)
 from tapo_jax.types import TrainBatch
 
 log = logging.getLogger("tapo_jax")
@@ -61,29 +65,6 @@ class LoopContext:
     encode: Callable[[list[str]], list[list[int]]]
     score: rollout.ScoreFn
     reward_stats: Callable[[], dict]
-
-
-def _row_multiple(cfg: Config, mesh: Any) -> int:
-    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = max(cfg.train.micro_batch_size, 1)
-    return math.lcm(n_dp, micro) * cfg.train.mini_batches
-
-
-def _buckets(cfg: Config, mesh: Any, num_queries: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Row and length buckets: a handful of static shapes, so the step compiles a bounded number
-    of times whatever the number of constructions."""
-    s, rl = cfg.sampling, cfg.rl
-    mult = _row_multiple(cfg, mesh)
-    base = num_queries * rl.num_samples
-    extra = num_queries * rl.m_max if rl.algorithm == "tapo" else 0
-    rows = sorted({-(-(base + f) // mult) * mult for f in (0, extra // 4, extra // 2, extra)})
-    longest = s.max_prompt_len + max(s.max_new_tokens, _construction_budget(cfg))
-    lengths = power_of_two_buckets(32, -(-longest // 16) * 16)
-    return tuple(rows), lengths
-
-
-def _construction_budget(cfg: Config) -> int:
-    return cfg.sampling.construction_max_new_tokens or 2 * cfg.sampling.max_new_tokens
 
 
 def make_advantage_fn(cfg: Config, mesh: Any = None
@@ -105,114 +86,15 @@ def make_advantage_fn(cfg: Config, mesh: Any = None
     rows = sharding_lib.batch_sharding(mesh, 1)
     return jax.jit(adv_static, out_shardings=(rows, rows))
 
-
-def place_batch(arrays: Any, mesh: Any) -> Any:
-    """Host arrays (the same on every process) as global arrays with their leading dim over
-    ``("data", "fsdp")``: each process fills its own devices' rows from its copy."""
-    def place(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(
-            x.shape, sharding_lib.batch_sharding(mesh, x.ndim), lambda index: x[index])
-
-    return jax.tree.map(place, arrays)
-
-
-def _batch_arrays(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
-                  ) -> tuple[dict[str, np.ndarray], Any]:
-    """Host arrays of the bucketed batch (overlong rows keep their reward but train no tokens)
-    and its statistics (``response_tokens``: the tokens that train)."""
-    rows_b, len_b = _buckets(cfg, mesh, cfg.train.batch_size)
-    arrays, stats = build_batch_arrays(
-        col.rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=len_b,
-        row_buckets=rows_b, max_len=len_b[-1], row_multiple=_row_multiple(cfg, mesh))
-    for i in col.overlong_masked:
-        arrays["loss_mask"][i] = 0.0
-    return arrays, dataclasses.replace(stats, response_tokens=int(arrays["loss_mask"].sum()))
-
-
-def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
-                   ) -> tuple[TrainBatch, Any, dict[str, float]]:
-    """Rows -> a bucketed TrainBatch (packed when ``train.packing``) placed on ``mesh``
-    (overlong rows keep their reward but train no tokens), its statistics and its padding
-    metrics (from the host arrays)."""
-    arrays, stats = _batch_arrays(col, cfg, mesh, pad_id)
-    batch = TrainBatch(**arrays)
-    if cfg.train.packing:
-        batch, _ = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
-                                      row_multiple=_dp(mesh))
-    return place_batch(batch, mesh), stats, padding_metrics(batch, cfg, mesh)
-
-
-def _dp(mesh: Any) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def padding_metrics(batch: TrainBatch, cfg: Config, mesh: Any) -> dict[str, float]:
-    """Share of padded tokens in the update batch (host arrays) without and with packing
-    (whichever runs)."""
-    am = np.asarray(batch.attention_mask)
-    if batch.packing is not None:
-        packed = int(np.prod(batch.packing.tokens.shape))
-    else:
-        packed = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
-                                    row_multiple=_dp(mesh))[1].packed_tokens
-    real = float(am.sum())
-    return {"tokens/padded_share_unpacked": 1.0 - real / max(am.size, 1),
-            "tokens/padded_share_packed": 1.0 - real / max(packed, 1),
-            "batch/packed": float(batch.packing is not None)}
-
-
-def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int,
-                        encode: Callable) -> tuple[Any, Any, int, dict[str, float]]:
-    """Student rows (the rollouts) and teacher rows (question + a correct solution, then the
-    same response). Groups without a correct rollout carry no distillation signal (masked)."""
-    from tapo_jax.rl.train_step import OPSDBatch
-
-    teacher_prompts = rollout.opsd_teacher_rows(col, encode)
-    student, stats = _batch_arrays(col, cfg, mesh, pad_id)
-    t_rows, skipped = [], 0
-    for r in col.rows:
-        tp = teacher_prompts[r.query_index]
-        if tp is None:
-            skipped += 1
-            tp = r.prompt_ids
-        t_rows.append(Row(tp, r.completion_ids, r.query_index, reward=r.reward))
-    _, len_b = _buckets(cfg, mesh, cfg.train.batch_size)
-    longest = max(len(r.prompt_ids) + len(r.completion_ids) for r in t_rows)
-    t_len = power_of_two_buckets(32, max(len_b[-1], -(-longest // 16) * 16))
-    t_arr, _ = build_batch_arrays(
-        t_rows, num_queries=max(col.num_queries, 1), pad_id=pad_id, length_buckets=t_len,
-        row_buckets=(student["tokens"].shape[0],), max_len=t_len[-1],
-        row_multiple=_row_multiple(cfg, mesh))
-    s_mask = student["loss_mask"]
-    t_mask = t_arr["loss_mask"]
-    for b, r in enumerate(col.rows):
-        if teacher_prompts[r.query_index] is None or s_mask[b].sum() != t_mask[b].sum():
-            s_mask[b] = 0.0
-            t_mask[b] = 0.0
-    stats = dataclasses.replace(stats, response_tokens=int(s_mask.sum()))
-    t_pack = None
-    if cfg.train.packing:
-        t_pack = packing.pack(
-            t_arr["tokens"], t_arr["attention_mask"], length=2 * t_arr["tokens"].shape[1],
-            groups=packing.micro_batches(len(t_mask), cfg.train.micro_batch_size),
-            row_multiple=_dp(mesh))[0]
-    student = TrainBatch(**student)
-    if cfg.train.packing:
-        student, _ = packing.pack_batch(student, micro_batch_size=cfg.train.micro_batch_size,
-                                        row_multiple=_dp(mesh))
-    batch = OPSDBatch(student=student, teacher_packing=t_pack,
-                      teacher_tokens=t_arr["tokens"], teacher_positions=t_arr["positions"],
-                      teacher_attention_mask=t_arr["attention_mask"], teacher_loss_mask=t_mask)
-    return place_batch(batch, mesh), stats, skipped, padding_metrics(student, cfg, mesh)
+# float32 zeros like a batch's [B, T] arrays, made on their devices (an eager jnp.zeros would
+# copy its fill value from the host)
+_zeros_like = jax.jit(jnp.zeros_like)
 
 
 def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, step: int,
-                 records: list[Any], more_records: Callable[[], list[Any]], fns: dict,
+                 records: list[Any], more_records: Callable[[], list[Any]], fns: DeviceFns,
                  sampler_params: Any) -> tuple[Any, dict, list[dict]]:
     """One iteration; returns (new state, metrics, examples)."""
-    from tapo_jax.rl.train_step import average_metrics, update_on_batch
-
     rl = cfg.rl
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -223,35 +105,35 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     timings["time/construction"] = col.sample_seconds["construction"]
     timings["time/reward"] = time.perf_counter() - t0 - timings["time/sampling"] - timings[
         "time/construction"]
-    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(ctx.tokenizer)
 
     t1 = time.perf_counter()
     if rl.algorithm == "opsd":
         batch, bstats, skipped, pad_metrics = assemble_opsd_batch(col, cfg, ctx.mesh, pad,
                                                                   ctx.encode)
         student = batch.student
-        lp, _ = fns["logprob"](state.params, student)
-        ref_lp, _ = fns["logprob"](ref_params, student)
+        lp, _ = fns.logprob(state.params, student)
+        ref_lp, _ = fns.logprob(ref_params, student)
         batch = batch.replace(student=student.replace(old_logprobs=lp, ref_logprobs=ref_lp))
         extra = {"opsd/skipped_rows": float(skipped)}
     else:
         batch, bstats, pad_metrics = assemble_batch(col, cfg, ctx.mesh, pad)
-        unused = jnp.zeros(batch.tokens.shape, jnp.float32)  # a forward the update does not read
+        unused = _zeros_like(batch.loss_mask)  # a forward the update does not read
         kl_measured = measures_kl(cfg, step)
         # The forward at the rollout params: the old log-probs, unless the update computes them
         # itself; TAPO's OTS diagnostics read its entropies on the steps that measure the KL.
         diag_forward = rl.algorithm == "tapo" and kl_measured
         old_lp, rollout_lp_ent = unused, None
-        if not fns["on_policy"] or diag_forward:
-            lp, ent = jax.block_until_ready(fns["logprob"](state.params, batch))
-            old_lp = unused if fns["on_policy"] else lp
+        if not fns.on_policy or diag_forward:
+            lp, ent = jax.block_until_ready(fns.logprob(state.params, batch))
+            old_lp = unused if fns.on_policy else lp
             rollout_lp_ent = (lp, ent) if diag_forward else None
         timings["time/logprobs_old"] = time.perf_counter() - t1
         t_ref = time.perf_counter()
         ref_lp = jax.block_until_ready(
-            fns["logprob"](ref_params, batch)[0]) if kl_measured else unused
+            fns.logprob(ref_params, batch)[0]) if kl_measured else unused
         timings["time/logprobs_ref"] = time.perf_counter() - t_ref
-        adv, gids = fns["advantages"](batch)
+        adv, gids = fns.advantages(batch)
         batch = batch.replace(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv,
                               group_ids=gids)
         extra = {"kl_measured": float(kl_measured)}
@@ -261,7 +143,7 @@ def rl_iteration(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, 
     timings["time/logprobs"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    state, history = update_on_batch(fns["step"], state, batch, ctx.mesh,
+    state, history = update_on_batch(fns.step, state, batch, ctx.mesh,
                                      ppo_epochs=cfg.train.ppo_epochs,
                                      mini_batches=cfg.train.mini_batches)
     metrics = {k: float(v) for k, v in jax.device_get(average_metrics(history)).items()}
@@ -310,9 +192,6 @@ def _diagnostics(col: rollout.Collected, batch: TrainBatch, lp_ent: Any,
     """Reflection-row advantages (every step) and, when ``lp_ent`` holds the log-probs and
     entropies at the rollout params, OTS weights by region (prefix / reflection phrase /
     continuation) of this iteration (``diag/*``). Arrays are gathered from every process."""
-    from tapo_jax.tapo import diagnostics
-    from tapo_jax.train.distributed import host_array
-
     adv, refl, mask = (host_array(x) for x in (batch.advantages, batch.is_reflection,
                                                batch.row_mask))
     out = diagnostics.advantage_report(adv, refl, mask)
@@ -347,29 +226,81 @@ def measures_kl(cfg: Config, step: int) -> bool:
     return cfg.rl.kl_coef != 0 or step % cfg.rl.kl_every == 0
 
 
+@dataclass(frozen=True)
+class DeviceFns:
+    """The jitted functions of the loop, built once (:func:`build_device_fns`)."""
+
+    step: Callable  # (state, batch) -> (state, metrics): the update
+    logprob: Callable  # (params, batch) -> (log-probs, entropies), teacher-forced
+    advantages: Callable  # batch -> (advantages, group ids)
+    on_policy: bool  # the update computes the old log-probs itself
+
+
 def build_device_fns(cfg: Config, graphdef: Any, mesh: Any, *,
-                     old_from_update: bool | None = None) -> dict:
+                     old_from_update: bool | None = None) -> DeviceFns:
     """Jitted step, log-prob forward and advantages. ``old_from_update``: the update computes
     the old log-probs itself (default :func:`on_policy`; False forces the separate forward)."""
-    from tapo_jax.rl.train_step import make_logprob_fn, make_train_step
-
-    kind = "opsd" if cfg.rl.algorithm == "opsd" else "rl"
+    kind = training_kind(cfg)
     # log-probs (old, reference, current) at the rollout temperature: the ratio and the policy
     # gradient are then those of the distribution the rollouts were drawn from
     t_roll = cfg.sampling.temperature if cfg.sampling.temperature > 0 else 1.0
     t_step = cfg.rl.opsd_temperature if kind == "opsd" else t_roll
     own = on_policy(cfg) if old_from_update is None else old_from_update
-    return {
-        "on_policy": own,
-        "step": make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step,
-                                on_policy=own),
-        "logprob": make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size,
-                                   temperature=t_roll),
-        "advantages": make_advantage_fn(cfg, mesh),
-    }
+    return DeviceFns(
+        on_policy=own,
+        step=make_train_step(graphdef, cfg, mesh, kind=kind, temperature=t_step, on_policy=own),
+        logprob=make_logprob_fn(graphdef, mesh, micro_batch_size=cfg.train.micro_batch_size,
+                                temperature=t_roll),
+        advantages=make_advantage_fn(cfg, mesh),
+    )
 
 
 def copy_params(params: Any) -> Any:
     """A real copy (the train step donates its state, so references must not alias it)."""
     return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p))(params)
 
+
+# --------------------------------------------------------------------------------------------
+# The loop and its hooks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a hook sees after step ``step`` (1-based: the number of updates done)."""
+
+    step: int
+    state: Any
+    metrics: dict
+    examples: list
+    last: bool  # the run's final step
+
+
+@dataclass
+class Hooks:
+    """Periodic work around the loop: ``add(fn, every=N)`` runs ``fn(info)`` after every N-th
+    step, and also after the last one when ``at_end``."""
+
+    _hooks: list = field(default_factory=list)
+
+    def add(self, fn: Callable[[StepInfo], None], *, every: int = 1,
+            at_end: bool = False) -> None:
+        if every < 1:
+            raise ValueError(f"hook every={every}: must be >= 1")
+        self._hooks.append((fn, every, at_end))
+
+    def run(self, info: StepInfo) -> None:
+        for fn, every, at_end in self._hooks:
+            if info.step % every == 0 or (at_end and info.last):
+                fn(info)
+
+
+def train_loop(cfg: Config, ctx: LoopContext, *, state: Any, ref_params: Any, start: int,
+               data_iter: Any, fns: DeviceFns, hooks: Hooks) -> Any:
+    """Iterations ``start .. train.steps - 1``, the hooks after each; returns the final state."""
+    for step in range(start, cfg.train.steps):
+        state, metrics, examples = rl_iteration(
+            cfg, ctx, state=state, ref_params=ref_params, step=step, records=next(data_iter),
+            more_records=lambda: next(data_iter), fns=fns, sampler_params=state.params)
+        hooks.run(StepInfo(step + 1, state, metrics, examples, step + 1 == cfg.train.steps))
+    return state

@@ -23,11 +23,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from tapo_jax.config import Config
-from tapo_jax.tapo import diagnostics
-from tapo_jax.tapo import selection as dcs
-from tapo_jax.tapo import synthesis
-from tapo_jax.tapo.batch import Row
+from tapo_jax.config import Config, construction_budget
+from tapo_jax.construction import diagnostics
+from tapo_jax.construction import selection as dcs
+from tapo_jax.construction import synthesis
+from tapo_jax.data.arithmetic import reflection_phrase
+from tapo_jax.data.batching import Row
+from tapo_jax.data.datasets import format_prompt
+from tapo_jax.data.tokenizers import end_of_turn_id
+from tapo_jax.train.distributed import map_across_processes
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,6 @@ class Collected:
 def score_across_processes(score: ScoreFn) -> ScoreFn:
     """``score`` in shares: each process scores its share of the responses (with its own
     worker pool) and every process gets all rewards and reasons, in order."""
-    from tapo_jax.train.distributed import map_across_processes
-
     def shared(texts: list[str], golds: list[str]) -> tuple[np.ndarray, list[str]]:
         rewards, reasons = map_across_processes(score, texts, golds)
         return np.asarray(rewards, np.float32), [str(r) for r in reasons]
@@ -192,9 +194,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
     refs = [texts[p.query * K + p.ref] for p in sel.pairs]
 
     if rl.construction == "rule":
-        reflect = None
-        if cfg.data.kind == "arithmetic":
-            from tapo_jax.data.arithmetic import reflection_phrase as reflect
+        reflect = reflection_phrase if cfg.data.kind == "arithmetic" else None
         recons = [synthesis.rule_construct(w, r, **({"reflect": reflect} if reflect else {}))
                   for w, r in zip(wrongs, refs)]
         parsed_ok = [x is not None for x in recons]
@@ -204,7 +204,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
                    for q, w, r in zip(questions, wrongs, refs)]
         s_ids = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]
                  for p in prompts]
-        budget = cfg.sampling.construction_max_new_tokens or 2 * cfg.sampling.max_new_tokens
+        budget = construction_budget(cfg)
         t0 = time.perf_counter()
         gens = sample(s_ids, 1, budget, _seed(cfg.train.seed, step, 1000),
                       temperature=cfg.sampling.construction_temperature,
@@ -246,8 +246,6 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
     if not checks:
         report["success_rate"] = float((r_rew > 0).mean())
     stats.update({f"diag/{k}": v for k, v in report.items()})
-    from tapo_jax.train.setup import end_of_turn_id
-
     end = end_of_turn_id(tokenizer)  # ends like a sampled response to the same prompt
 
     def enc(text: str) -> list[int]:
@@ -270,8 +268,6 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
 
 
 def _chat(tokenizer: Any, text: str) -> str:
-    from tapo_jax.data.datasets import format_prompt
-
     return format_prompt(text, tokenizer)
 
 

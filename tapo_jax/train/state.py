@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tapo_jax.config import Config, ModelConfig, OptimConfig
 from tapo_jax.models import sharding as sharding_lib
+from tapo_jax.models.qwen3 import Qwen3
 
 Kind = Literal["rl", "sft", "opsd"]
 
@@ -115,8 +116,6 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 
 def abstract_params(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """``(graphdef, params)`` of ``Qwen3(model_cfg)`` with ``jax.ShapeDtypeStruct`` leaves."""
-    from tapo_jax.models.qwen3 import Qwen3
-
     return split_params(nnx.eval_shape(lambda: Qwen3(model_cfg, rngs=nnx.Rngs(0))))
 
 
@@ -128,10 +127,13 @@ def train_state_shardings(aparams: nnx.State, tx: optax.GradientTransformation,
     params_sh = sharding_lib.state_shardings(aparams, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, aparams)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, params_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    # optax finds the param-shaped parts by running ``tx.init`` eagerly on a placeholder, which
+    # makes its scalar counters on the device: a setup-time transfer, allowed here by name
+    with jax.transfer_guard_host_to_device("allow"):
+        opt_sh = optax.tree_map_params(
+            tx, lambda _, s: s, abstract_opt, params_sh,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, nnx.Variable))
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
 
 
@@ -156,8 +158,6 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
     Same random draws as ``Qwen3(model_cfg, rngs=nnx.Rngs(seed))``. Returns
     ``(graphdef, state, shardings)``.
     """
-    from tapo_jax.models.qwen3 import Qwen3
-
     graphdef, aparams = abstract_params(model_cfg)
     shardings = train_state_shardings(aparams, tx, mesh, rules)
 

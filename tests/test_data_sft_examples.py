@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from tapo_jax.data import arithmetic as A
-from tapo_jax.data.cold_start import (
+from tapo_jax.data.sft_examples import (
     build_cold_start,
     cold_start_rows,
     construction_example,
     sft_batch,
 )
-from tapo_jax.tapo.synthesis import build_synthesis_prompt, parse_construction, prefix_check
+from tapo_jax.construction.synthesis import build_synthesis_prompt, parse_construction, prefix_check
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tapo_jax.tapo.selection import Pair, select_candidates, selection_rng
+from tapo_jax.construction.selection import Pair, select_candidates, selection_rng
 
 
 def _group(n_correct, n_wrong):

@@ -26,6 +26,9 @@ accumulated gradient equals the full-batch gradient. Micro-batch ``m`` takes row
 Metrics come back as one pytree of float32 scalars (no host sync inside the step), including
 ``grad_norm`` (before clipping), ``learning_rate`` (of this update) and ``step`` (after it).
 Letters: B rows, T length, D model dim, V vocabulary, M micro-batches.
+
+Over 400 lines on purpose: the three training kinds share the forward, the micro-batch
+accumulation and the jitted step's shardings; one file keeps the step one pure function.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 1. Ordinary solutions: question -> step-by-step solution ending in ``\\boxed{}``.
 2. Trajectory-construction examples: the synthesis prompt (question, an erroneous solution with
-   one realistic slip, the correct solution as reference; built by tapo.synthesis, exactly as the
-   RL loop builds it) -> ``<analysis>Step k: kind.</analysis>`` and a ``<reconstruction>`` that
-   keeps the erroneous lines verbatim up to and including the wrong step, reflects ("Wait, 85 -
-   19 = 66, not 67.") and continues correctly to the answer. Mode ``full`` (ablation) targets the
-   whole correct solution instead.
+   one realistic slip, the correct solution as reference; built by construction.synthesis,
+   exactly as the RL loop builds it) -> ``<analysis>Step k: kind.</analysis>`` and a
+   ``<reconstruction>`` that keeps the erroneous lines verbatim up to and including the wrong
+   step, reflects ("Wait, 85 - 19 = 66, not 67.") and continues correctly to the answer. Mode
+   ``full`` (ablation) targets the whole correct solution instead.
 
 Examples are (prompt_text, response_text) pairs; the prompt text is formatted with the chat
 template at tokenisation, and each response ends with the end-of-turn token, which is trained.
@@ -30,8 +30,8 @@ from tapo_jax.data.arithmetic import (
     reflection_phrase,
 )
 from tapo_jax.data.datasets import format_prompt
-from tapo_jax.tapo.batch import Row, build_train_batch
-from tapo_jax.tapo.synthesis import build_synthesis_prompt, format_construction, rule_construct
+from tapo_jax.data.batching import Row, build_train_batch
+from tapo_jax.construction.synthesis import build_synthesis_prompt, format_construction, rule_construct
 
 __all__ = [
     "ColdStartData",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tapo_jax.tapo.batch import Row, build_batch_arrays, build_train_batch, pick_bucket
+from tapo_jax.data.batching import Row, build_batch_arrays, build_train_batch, pick_bucket
 
 PAD = 0
 

@@ -1,9 +1,9 @@
 """Trajectory construction: candidate selection (DCS), synthesis prompts and parsing, and the
-assembly of the training batch (paper §3.2-3.4)."""
+mechanism diagnostics of the constructed rows (paper §3.2-3.3). The rows become a training
+batch in :mod:`tapo_jax.data.batching`."""
 
-from tapo_jax.tapo.batch import BatchStats, Row, build_batch_arrays, build_train_batch
-from tapo_jax.tapo.selection import Pair, Selection, select_candidates, selection_rng
-from tapo_jax.tapo.synthesis import (
+from tapo_jax.construction.selection import Pair, Selection, select_candidates, selection_rng
+from tapo_jax.construction.synthesis import (
     PARSE_REASONS,
     ParsedConstruction,
     PrefixCheck,
@@ -18,15 +18,11 @@ from tapo_jax.tapo.synthesis import (
 
 __all__ = [
     "PARSE_REASONS",
-    "BatchStats",
     "Pair",
     "ParsedConstruction",
     "PrefixCheck",
-    "Row",
     "Selection",
-    "build_batch_arrays",
     "build_synthesis_prompt",
-    "build_train_batch",
     "count_reasons",
     "format_construction",
     "parse_construction",

@@ -1,24 +1,19 @@
-"""Building the pieces of a run from its config: mesh, tokenizer, model, data.
-
-Each function is small and explicit; :mod:`tapo_jax.train.run` composes them.
-"""
+"""The run's tokenizer and the ids the loops read from it: the arithmetic task's own tokenizer
+(:func:`tapo_jax.data.arithmetic.build_tokenizer`) or an HF tokenizer from a local directory;
+stop ids, the end-of-turn id and the pad id."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 from tapo_jax.config import Config, ConfigError
 
-log = logging.getLogger("tapo_jax")
-
 
 def load_tokenizer(cfg: Config) -> Any:
     """The arithmetic task's own tokenizer, or an HF tokenizer from a local directory."""
     if cfg.data.kind == "arithmetic" and cfg.data.tokenizer_path is None:
-        from tapo_jax.data.arithmetic import build_tokenizer
+        from tapo_jax.data.arithmetic import build_tokenizer  # imports `tokenizers` lazily
 
         return build_tokenizer()
     path = cfg.data.tokenizer_path or cfg.model.hf_path
@@ -27,7 +22,7 @@ def load_tokenizer(cfg: Config) -> Any:
             "data.tokenizer_path (or model.hf_path) is required when data.kind is not arithmetic")
     if not Path(path).exists():
         raise ConfigError(f"tokenizer directory not found: {path} (data.tokenizer_path)")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only runs that load an HF tokenizer pay it
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
@@ -40,6 +35,12 @@ def check_vocab(cfg: Config, tokenizer: Any) -> None:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size = "
             f"{cfg.model.vocab_size}; raise model.vocab_size or use a matching tokenizer")
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id padding positions hold (never trained, never attended): the tokenizer's pad
+    token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _vocab_id(tokenizer: Any, token: str) -> Optional[int]:
@@ -60,26 +61,3 @@ def end_of_turn_id(tokenizer: Any) -> Optional[int]:
     chat models' end of turn, where sampled responses stop), else the eos token, else None."""
     i = _vocab_id(tokenizer, "<|im_end|>")
     return i if i is not None else tokenizer.eos_token_id
-
-
-def build_model(cfg: Config, mesh: Any, rules: Any) -> tuple[Any, Config]:
-    """The policy: loaded from ``model.hf_path`` (dimensions from its config.json) or randomly
-    initialised straight into its shardings. Returns the module and the config with the model
-    section resolved from the checkpoint."""
-    from tapo_jax.models import sharding
-
-    if cfg.model.hf_path is not None:
-        from tapo_jax.models.hf import RUNTIME_FIELDS, config_from_hf, load_hf
-
-        path = Path(cfg.model.hf_path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.hf_path: no config.json in {path}")
-        runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
-        model = load_hf(path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                        mesh=mesh, rules=rules, **runtime)
-        resolved = dataclasses.replace(
-            config_from_hf(path), hf_path=str(path), dtype=cfg.model.dtype,
-            param_dtype=cfg.model.param_dtype, **runtime)
-        return model, dataclasses.replace(cfg, model=resolved)
-    model = sharding.create_sharded_model(cfg.model, mesh, rules, seed=cfg.train.seed)
-    return model, cfg

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tapo_jax.data.arithmetic import first_error_step, trace_response
+
 __all__ = [
     "ConstructionCheck",
     "REGIONS",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 REGIONS = ("prefix", "reflection", "continuation")
-OTS_LOW = 0.1  # as tapo_jax.rl.losses.OTS_LOW_THRESHOLD
+OTS_LOW = 0.1  # as tapo_jax.rl.objective.OTS_LOW_THRESHOLD
 
 
 def reflection_line_index(lines: Sequence[str]) -> int | None:
@@ -60,8 +62,6 @@ class ConstructionCheck:
 def check_construction(question: str, wrong: str, reconstruction: str, reward: float
                        ) -> ConstructionCheck:
     """The oracle's view of one arithmetic reconstruction (see the module docstring)."""
-    from tapo_jax.data.arithmetic import first_error_step, trace_response
-
     rec = _lines(reconstruction)
     k = reflection_line_index(rec)
     verbatim = False

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tapo_jax.types import TrainBatch
+
 __all__ = [
     "BatchStats",
     "Row",
@@ -155,11 +157,8 @@ def build_batch_arrays(
 
 
 def build_train_batch(rows: Sequence[Row], **kwargs):
-    """:func:`build_batch_arrays` converted to a ``TrainBatch`` of jnp arrays (same kwargs).
+    """:func:`build_batch_arrays` as a ``TrainBatch`` of host arrays (same kwargs), to be placed
+    on the devices once (:func:`tapo_jax.train.assembly.place_batch`).
     Returns ``(TrainBatch, BatchStats)``."""
-    import jax.numpy as jnp
-
-    from tapo_jax.types import TrainBatch
-
     arrays, stats = build_batch_arrays(rows, **kwargs)
-    return TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}), stats
+    return TrainBatch(**arrays), stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tapo_jax.data.arithmetic import reflection_phrase, trace_response
-from tapo_jax.tapo import synthesis as S
+from tapo_jax.construction import synthesis as S
 
 Q = "Compute 85 - 19 + 4."
 WRONG = "85 - 19 = 67\n67 + 4 = 71\n\\boxed{71}"

@@ -11,12 +11,12 @@ import pytest
 
 from tapo_jax.config import Config, DataConfig, RLConfig, TrainConfig
 from tapo_jax.data import arithmetic as A
-from tapo_jax.data.cold_start import construction_example
+from tapo_jax.data.sft_examples import construction_example
 from tapo_jax.data.datasets import encode_prompts
 from tapo_jax.rewards.verifier import score
 from tapo_jax.rl.advantages import tapo_advantages
-from tapo_jax.tapo import diagnostics as D
-from tapo_jax.tapo.batch import Row, build_batch_arrays
+from tapo_jax.construction import diagnostics as D
+from tapo_jax.data.batching import Row, build_batch_arrays
 from tapo_jax.train import rollout
 
 Q = "Compute 10 + 5 - 3."

@@ -5,7 +5,7 @@
 (synthesis prompt -> ``<analysis>`` + ``<reconstruction>``), so the policy can follow the
 synthesis prompt during RL. Loss on response tokens only (token-mean NLL, ``kind="sft"`` step).
 
-Data: the embedded arithmetic task builds both kinds itself (:mod:`tapo_jax.data.cold_start`);
+Data: the embedded arithmetic task builds both kinds itself (:mod:`tapo_jax.data.sft_examples`);
 for other tasks ``cold_start.data_path`` names a JSONL/JSON/Parquet file of ``prompt`` /
 ``response`` records (e.g. constructions written by a stronger model).
 """
@@ -16,9 +16,19 @@ import logging
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from tapo_jax.config import Config, ConfigError
+from tapo_jax.construction.synthesis import resolve_style
+from tapo_jax.data import sft_examples as cs_data
+from tapo_jax.data.datasets import read_rows
+from tapo_jax.data.tokenizers import pad_id
+from tapo_jax.models.sharding import data_parallel_size
+from tapo_jax.rl.packing import pack_batch
+from tapo_jax.train.assembly import place_batch
+from tapo_jax.train.metrics import progress_bar
+from tapo_jax.train.step import make_train_step
 
 log = logging.getLogger("tapo_jax")
 
@@ -26,13 +36,8 @@ log = logging.getLogger("tapo_jax")
 def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
                         ) -> list[tuple[list[int], list[int]]]:
     """Tokenised (prompt ids, response ids + eos) pairs of both kinds."""
-    from tapo_jax.data import cold_start as cs_data
-    from tapo_jax.tapo.synthesis import resolve_style
-
     cs = cfg.cold_start
     if cs.data_path is not None:
-        from tapo_jax.data.datasets import read_rows
-
         rows = read_rows(cs.data_path)
         pairs = []
         for i, r in enumerate(rows):
@@ -57,23 +62,16 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
                    problems: list[Any], log_fn: Callable[[int, dict], None],
                    progress: bool = True) -> tuple[Any, dict]:
     """``cold_start.steps`` SFT updates on random mini-batches; returns (state, summary)."""
-    import jax
-
-    from tapo_jax.data.cold_start import sft_batch
-    from tapo_jax.rl.packing import pack_batch
-    from tapo_jax.rl.train_step import make_train_step
-    from tapo_jax.train.metrics import progress_bar
-
     cs = cfg.cold_start
     examples = cold_start_examples(cfg, tokenizer, problems)
     if not examples:
         raise ConfigError("cold start: no examples")
     groups = length_groups(examples)
-    n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_dp = data_parallel_size(mesh)
     batch_size = -(-cs.batch_size // n_dp) * n_dp
     step_fn = make_train_step(graphdef, cfg, mesh, kind="sft")
     rng = np.random.default_rng(np.random.SeedSequence([cfg.train.seed, 0xC5]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     lengths = sorted(groups)
     weights = np.array([len(groups[L]) for L in lengths], np.float64)
     weights /= weights.sum()
@@ -85,13 +83,13 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         L = lengths[int(rng.choice(len(lengths), p=weights))]
         members = groups[L]
         idx = rng.integers(0, len(members), batch_size)
-        batch, stats = sft_batch([examples[members[i]] for i in idx], pad_id=pad,
+        batch, stats = cs_data.sft_batch([examples[members[i]] for i in idx], pad_id=pad,
                                  length_buckets=(L,), row_buckets=(batch_size,), max_len=L)
         tokens += stats.response_tokens
         if cfg.train.packing:
             batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
                                   row_multiple=n_dp)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, place_batch(batch, mesh))
         if (s + 1) % max(cfg.train.log_every, 10) == 0 or s + 1 == cs.steps:
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}
             last.update(tokens=tokens, elapsed_s=time.time() - t0)
