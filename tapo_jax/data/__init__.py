@@ -1,4 +1,5 @@
-"""Problem datasets, the embedded arithmetic task and cold-start SFT data."""
+"""Problem datasets, the embedded arithmetic task, tokenizers, cold-start SFT examples and the
+padding and bucketing of rows into batches."""
 
 from tapo_jax.data.datasets import (
     DataError,
