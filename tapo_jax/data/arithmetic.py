@@ -11,8 +11,14 @@ say otherwise (``(23 + 45) * 3``). The module also holds
 * the oracle :func:`first_error_step` (index of the first wrong line) with :func:`parse_steps`,
   :func:`classify_error` and :func:`trace_response` (reflections and recovery, for ERR-style
   scoring of constructions);
+* compensated references (:func:`compensated_reference`: right answer, one cancelled wrong
+  step) for the cold start's construction examples;
 * a character-level tokenizer with a few whole-word tokens (<= 128 ids), in HF ``tokenizers``
   format with a ChatML chat template (:func:`build_tokenizer`, :func:`save_tokenizer`).
+
+Over 400 lines on purpose: the task is one file. Problems, slips, the oracle and the tokenizer all
+read and write the same line format (``a op b = c`` lines and a ``\\boxed{}`` line); a change to
+that format is one edit here.
 """
 
 from __future__ import annotations
