@@ -249,6 +249,9 @@ class _Script:
         self.clock = clock
         self.last_n = 0
         self.compile_s = {"sampling": 0.0, "construction": 0.0}  # inside sample calls
+        self.sampler = None  # the policy's Sampler (its last_stats after each call)
+        self.parts = {k: 0.0 for k in ("sampling/prefill_s", "construction/prefill_s",
+                                       "construction/prompt_tokens", "construction/requests")}
         specials = set(tokenizer.all_special_ids)
         tags = ("<analysis>", "</analysis>", "<reconstruction>", "</reconstruction>")
         specials |= {tokenizer.convert_tokens_to_ids(t) for t in tags}
@@ -260,14 +263,21 @@ class _Script:
         self.head = ids("<analysis>a slip</analysis>\n<reconstruction>")
         self.tail = ids("</reconstruction>") + [tokenizer.eos_token_id]
 
-    def sample_fn(self, inner):
+    def sample_fn(self, inner, sampler):
         from tapo_jax.train.rollout import Completion
 
+        self.sampler = sampler
         def sample(prompt_ids, n, max_new_tokens, seed):
             self.last_n = n
             before = self.clock.seconds
             groups = inner(prompt_ids, n, max_new_tokens, seed)
-            self.compile_s["construction" if n == 1 else "sampling"] += self.clock.seconds - before
+            kind = "construction" if n == 1 else "sampling"
+            self.compile_s[kind] += self.clock.seconds - before
+            last = self.sampler.last_stats if self.sampler is not None else {}
+            self.parts[f"{kind}/prefill_s"] += last.get("prefill_s", 0.0)
+            if n == 1:
+                self.parts["construction/prompt_tokens"] += last.get("prompt_tokens", 0)
+                self.parts["construction/requests"] += last.get("requests", 0)
             if n != 1:  # rollouts: kept as generated
                 return groups
             out = []
@@ -320,7 +330,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
                                    old_from_update=False if full else None)
     ctx = rl_loop.LoopContext(
         graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
-        sample_fn=lambda params: script.sample_fn(policy.sample_fn(params)),
+        sample_fn=lambda params: script.sample_fn(policy.sample_fn(params), policy.sampler()),
         encode=policy.encode, score=script.score, reward_stats=lambda: {})
 
     phases = ("sampling", "construction", "reward", "logprobs", "logprobs_old", "logprobs_ref",
@@ -333,6 +343,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
             warm_s = time.perf_counter() - t_warm
         records = [p.record() for p in problems[it * Q:(it + 1) * Q]]
         c0, s0, cpu0 = clock.seconds, dict(script.compile_s), time.process_time()
+        p0 = dict(script.parts)
         state, metrics, _ = rl_loop.rl_iteration(
             cfg, ctx, state=state, ref_params=ref, step=it, records=records,
             more_records=lambda: [], fns=fns, sampler_params=state.params)
@@ -344,6 +355,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
             metrics["compile/other"] = (metrics["compile/total"] - metrics["compile/sampling"]
                                         - metrics["compile/construction"])
             metrics["time/total_ex_compile"] = metrics["time/total"] - metrics["compile/total"]
+            for k in script.parts:  # prefill seconds (compile included), prompt tokens
+                metrics[k] = script.parts[k] - p0[k]
             for k in ("sampling", "construction"):
                 metrics[f"time/{k}_ex_compile"] = metrics[f"time/{k}"] - metrics[f"compile/{k}"]
             timed.append(metrics)
@@ -369,7 +382,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
     for k in ("batch/rows", "batch/padded_rows", "batch/length", "tokens/trained",
               "tokens/sampled", "tapo/constructions_attempted", "tapo/constructions_parsed",
               "tapo/zpd_eligible_share", "kl_measured", "tokens/padded_share_unpacked",
-              "tokens/padded_share_packed"):
+              "tokens/padded_share_packed", "sampling/prefill_s", "construction/prefill_s",
+              "construction/prompt_tokens", "construction/requests"):
         if k in timed[-1]:
             out[k] = mean(k)
     out["sampler_compile_counts"] = sampler.compile_counts
