@@ -108,6 +108,7 @@ class Sampler:
         self.chunk = chunk
         self.tokenizer = tokenizer
         self.last_stats: dict[str, Any] = {}  # wall / prefill seconds of the last generate
+        self._prefill_calls = 0
 
     def update_params(self, params: Any) -> None:
         self.engine.update_params(local_params(params, self.engine.mesh))
@@ -170,6 +171,7 @@ class Sampler:
         finished = 0
         decode_calls = 0
         prefill_s = 0.0  # prefill + insert (blocked on by the first tokens' read-back)
+        prefill_calls_before = self._prefill_calls
 
         while finished < len(mine):
             free = [s for s, r in enumerate(slot_req) if r < 0]
@@ -214,7 +216,8 @@ class Sampler:
             finish_reason=["stop" if s else "length" for s in stopped],
             stats=dict(wall_s=wall, tokens=int(lengths.sum()),
                        tokens_per_s=float(lengths.sum() / max(wall, 1e-9)),
-                       decode_calls=decode_calls, prefill_s=prefill_s,
+                       decode_calls=decode_calls, prefill_s=prefill_s, cache_len=cache_len,
+                       prefill_calls=self._prefill_calls - prefill_calls_before,
                        compilations=sum(eng.compile_counts.values()) - compiles_before,
                        compile_counts=dict(eng.compile_counts)))
 
@@ -247,6 +250,7 @@ class Sampler:
                     k[row] = keys[r]
                 samp = {name: np.full((P,), v) for name, v in sampling_row.items()}
                 prefix = eng.prefill(toks, true_len, k, samp, k_bound=k_bound, filtered=filtered)
+                self._prefill_calls += 1
                 slots = np.full((P,), -1, np.int32)
                 for row, r in enumerate(part):
                     s = free.pop(0)
