@@ -42,6 +42,11 @@ measures the loop without its cheaper paths (a separate old-log-prob forward, th
 forward on every step); the default ``cheap`` runs the loop's defaults (the update's own forward
 as old log-probs, the reference forward every ``rl.kl_every`` steps when ``rl.kl_coef = 0``;
 the timed iterations then skip it).
+Each iteration line also gives the seconds of prefill (prefill + insert, compile included) inside
+rollout and construction sampling, and the construction prompts' tokens and count.
+``--rounds N`` runs N (GRPO, TAPO) pairs one after the other and ends with a ``ratio_median``
+line: the median over rounds of the ratio lines' numbers and of the per-phase table (the load of
+a shared machine drifts within minutes; each round's two runs are minutes apart at most).
 ``--packing true`` sets ``train.packing`` (update batches packed, ``tapo_jax.rl.packing``);
 every iteration line reports the update batch's padded-token share without and with packing
 (``tokens/padded_share_unpacked``, ``tokens/padded_share_packed``).
@@ -447,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=64, help="iteration: sampler slots")
     p.add_argument("--warmup-iters", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="GRPO/TAPO pairs run one after the other; with several, a last line "
+                        "(ratio_median) gives the median over rounds (a shared machine's speed "
+                        "drifts within minutes)")
     p.add_argument("--path", choices=("cheap", "full"), default="cheap",
                    help="iteration: 'full' runs the separate old-log-prob forward and the "
                         "reference forward every step (rl.kl_every=1), as before the cheaper "
@@ -483,34 +492,62 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     for case in cases:
-        res = {}
-        for algorithm in ("grpo", "tapo"):
-            res[algorithm] = _child(args, case, algorithm)
-            print(json.dumps(res[algorithm]), flush=True)
-        g, t = res["grpo"], res["tapo"]
-        if case == "train_step":
-            ratio = dict(case="ratio", of="train_step",
-                         tapo_over_grpo_ms_per_step=round(t["ms_per_step"] / g["ms_per_step"], 3),
-                         tapo_over_grpo_ms_per_step_min=round(
-                             t["ms_per_step_min"] / g["ms_per_step_min"], 3),
-                         tapo_over_grpo_peak_rss=round(t["peak_rss_mb"] / g["peak_rss_mb"], 3))
-        else:
-            ratio = dict(case="ratio", of="iteration",
-                         overhead=round(t["time/total"] / g["time/total"], 3),
-                         overhead_ex_compile=round(
-                             t["time/total_ex_compile"] / g["time/total_ex_compile"], 3),
-                         overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3))
-            for k in ("sampling_ex_compile", "construction_ex_compile", "reward", "logprobs",
-                      "update", "total_ex_compile"):
-                ratio[f"tapo_minus_grpo_time/{k}"] = round(t[f"time/{k}"] - g[f"time/{k}"], 4)
-            ratio["path"] = args.path
-            ratio["packing"] = args.packing
-            ratio["phase_seconds"] = {  # per-phase table, seconds per iteration
-                k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
-                for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
-                          "logprobs_old", "logprobs_ref", "update", "total_ex_compile")}
-        print(json.dumps(ratio), flush=True)
+        ratios = [_round(args, case, r) for r in range(args.rounds)]
+        if args.rounds > 1:
+            _print_median(case, ratios)
     return 0
+
+
+def _print_median(case: str, ratios: list[dict]) -> None:
+    """The median over rounds of every number in the rounds' ratio lines (and of the table)."""
+    def med(values):
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else round((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2, 4)
+
+    out = dict(case="ratio_median", of=case, rounds=len(ratios))
+    for k, v in ratios[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+            out[k] = med([r[k] for r in ratios])
+            out[k + "_per_round"] = [r[k] for r in ratios]
+    if "phase_seconds" in ratios[0]:
+        out["phase_seconds"] = {k: {a: med([r["phase_seconds"][k][a] for r in ratios])
+                                    for a in ("grpo", "tapo")}
+                                for k in ratios[0]["phase_seconds"]}
+    print(json.dumps(out), flush=True)
+
+
+def _round(args: argparse.Namespace, case: str, r: int) -> dict:
+    """One GRPO run and one TAPO run of ``case`` (each in its own process); prints their lines
+    and the ratio line, and returns the ratio."""
+    res = {}
+    for algorithm in ("grpo", "tapo"):
+        res[algorithm] = dict(_child(args, case, algorithm), round=r)
+        print(json.dumps(res[algorithm]), flush=True)
+    g, t = res["grpo"], res["tapo"]
+    if case == "train_step":
+        ratio = dict(case="ratio", of="train_step",
+                     tapo_over_grpo_ms_per_step=round(t["ms_per_step"] / g["ms_per_step"], 3),
+                     tapo_over_grpo_ms_per_step_min=round(
+                         t["ms_per_step_min"] / g["ms_per_step_min"], 3),
+                     tapo_over_grpo_peak_rss=round(t["peak_rss_mb"] / g["peak_rss_mb"], 3))
+    else:
+        ratio = dict(case="ratio", of="iteration",
+                     overhead=round(t["time/total"] / g["time/total"], 3),
+                     overhead_ex_compile=round(
+                         t["time/total_ex_compile"] / g["time/total_ex_compile"], 3),
+                     overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3))
+        for k in ("sampling_ex_compile", "construction_ex_compile", "reward", "logprobs",
+                  "update", "total_ex_compile"):
+            ratio[f"tapo_minus_grpo_time/{k}"] = round(t[f"time/{k}"] - g[f"time/{k}"], 4)
+        ratio["path"] = args.path
+        ratio["packing"] = args.packing
+        ratio["phase_seconds"] = {  # per-phase table, seconds per iteration
+            k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
+            for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
+                      "logprobs_old", "logprobs_ref", "update", "total_ex_compile")}
+    ratio["round"] = r
+    print(json.dumps(ratio), flush=True)
+    return ratio
 
 
 if __name__ == "__main__":
