@@ -53,7 +53,10 @@ every iteration line reports the update batch's padded-token share without and w
 
 The machine may be shared: each line carries the 1-minute load average at the start and end of
 its run and the CPU count; the iteration case also reports process CPU seconds per iteration
-(``cpu_s/total``, compile included), which other processes' load inflates less than wall time.
+(``cpu_s/total``, compile included), which other processes' load inflates less than wall time,
+and its parts (``cpu_s/sampling``, ``cpu_s/construction``, ``cpu_s/reward``, ``cpu_s/rest`` =
+log-probs, update and the rest); the ratio line adds ``overhead_cpu_seconds_ex_compile`` (CPU
+seconds less compile seconds) and ``phase_cpu_seconds``.
 ``peak_rss_mb`` includes XLA's compile-time memory; ``rss_after_compile_mb`` and
 ``rss_after_steps_mb`` (train-step case) are the resident sizes at those points.
 """
@@ -256,7 +259,8 @@ class _Script:
         self.compile_s = {"sampling": 0.0, "construction": 0.0}  # inside sample calls
         self.sampler = None  # the policy's Sampler (its last_stats after each call)
         self.parts = {k: 0.0 for k in ("sampling/prefill_s", "construction/prefill_s",
-                                       "construction/prompt_tokens", "construction/requests")}
+                                       "construction/prompt_tokens", "construction/requests",
+                                       "cpu_s/sampling", "cpu_s/construction", "cpu_s/reward")}
         specials = set(tokenizer.all_special_ids)
         tags = ("<analysis>", "</analysis>", "<reconstruction>", "</reconstruction>")
         specials |= {tokenizer.convert_tokens_to_ids(t) for t in tags}
@@ -272,11 +276,12 @@ class _Script:
         from tapo_jax.train.rollout import Completion
 
         self.sampler = sampler
-        def sample(prompt_ids, n, max_new_tokens, seed):
+        def sample(prompt_ids, n, max_new_tokens, seed, **kw):
             self.last_n = n
-            before = self.clock.seconds
-            groups = inner(prompt_ids, n, max_new_tokens, seed)
+            before, cpu = self.clock.seconds, time.process_time()
+            groups = inner(prompt_ids, n, max_new_tokens, seed, **kw)
             kind = "construction" if n == 1 else "sampling"
+            self.parts[f"cpu_s/{kind}"] += time.process_time() - cpu
             self.compile_s[kind] += self.clock.seconds - before
             last = self.sampler.last_stats if self.sampler is not None else {}
             self.parts[f"{kind}/prefill_s"] += last.get("prefill_s", 0.0)
@@ -297,7 +302,9 @@ class _Script:
     def score(self, texts, golds):
         import numpy as np
 
+        cpu = time.process_time()
         _, reasons = self.verifier.score(texts, golds)  # paid, verdicts replaced below
+        self.parts["cpu_s/reward"] += time.process_time() - cpu
         i = np.arange(len(texts))
         if self.last_n == self.K:  # rollouts: 3 of K correct in even groups, 1 of K in odd ones
             g, k = i // self.K, i % self.K
@@ -362,6 +369,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
             metrics["time/total_ex_compile"] = metrics["time/total"] - metrics["compile/total"]
             for k in script.parts:  # prefill seconds (compile included), prompt tokens
                 metrics[k] = script.parts[k] - p0[k]
+            metrics["cpu_s/rest"] = metrics["cpu_s/total"] - sum(
+                metrics[f"cpu_s/{k}"] for k in ("sampling", "construction", "reward"))
             for k in ("sampling", "construction"):
                 metrics[f"time/{k}_ex_compile"] = metrics[f"time/{k}"] - metrics[f"compile/{k}"]
             timed.append(metrics)
@@ -381,7 +390,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
     for k in ("sampling", "construction", "total"):
         out[f"time/{k}_ex_compile"] = mean(f"time/{k}_ex_compile")
     out["time/total_each"] = [round(m["time/total"], 3) for m in timed]
-    out["cpu_s/total"] = mean("cpu_s/total")
+    for k in ("total", "sampling", "construction", "reward", "rest"):
+        out[f"cpu_s/{k}"] = mean(f"cpu_s/{k}")
     out.update({f"compile/{k}": mean(f"compile/{k}")
                 for k in ("total", "sampling", "construction", "other")})
     for k in ("batch/rows", "batch/padded_rows", "batch/length", "tokens/trained",
@@ -509,10 +519,10 @@ def _print_median(case: str, ratios: list[dict]) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
             out[k] = med([r[k] for r in ratios])
             out[k + "_per_round"] = [r[k] for r in ratios]
-    if "phase_seconds" in ratios[0]:
-        out["phase_seconds"] = {k: {a: med([r["phase_seconds"][k][a] for r in ratios])
-                                    for a in ("grpo", "tapo")}
-                                for k in ratios[0]["phase_seconds"]}
+    for table in ("phase_seconds", "phase_cpu_seconds"):
+        if table in ratios[0]:
+            out[table] = {k: {a: med([r[table][k][a] for r in ratios]) for a in ("grpo", "tapo")}
+                          for k in ratios[0][table]}
     print(json.dumps(out), flush=True)
 
 
@@ -535,7 +545,10 @@ def _round(args: argparse.Namespace, case: str, r: int) -> dict:
                      overhead=round(t["time/total"] / g["time/total"], 3),
                      overhead_ex_compile=round(
                          t["time/total_ex_compile"] / g["time/total_ex_compile"], 3),
-                     overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3))
+                     overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3),
+                     overhead_cpu_seconds_ex_compile=round(
+                         (t["cpu_s/total"] - t["compile/total"])
+                         / (g["cpu_s/total"] - g["compile/total"]), 3))
         for k in ("sampling_ex_compile", "construction_ex_compile", "reward", "logprobs",
                   "update", "total_ex_compile"):
             ratio[f"tapo_minus_grpo_time/{k}"] = round(t[f"time/{k}"] - g[f"time/{k}"], 4)
@@ -545,6 +558,9 @@ def _round(args: argparse.Namespace, case: str, r: int) -> dict:
             k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
             for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
                       "logprobs_old", "logprobs_ref", "update", "total_ex_compile")}
+        ratio["phase_cpu_seconds"] = {  # process CPU seconds (all threads), compile included
+            k: {"grpo": g[f"cpu_s/{k}"], "tapo": t[f"cpu_s/{k}"]}
+            for k in ("sampling", "construction", "reward", "rest", "total")}
     ratio["round"] = r
     print(json.dumps(ratio), flush=True)
     return ratio
