@@ -22,6 +22,19 @@ second call, then a reused ``Sampler`` of the same shapes in the same process: c
 shared by every sampler, so the second one-shot call should compile nothing
 (``second_call_compilations``) and run within 20% of the reused sampler
 (``oneshot_over_sampler`` >= 0.8).
+
+Google Tunix's vanilla sampler (``--tunix-python PY``): Tunix is not a dependency of tapo-jax;
+it lives in a separate virtual environment and runs ``benchmarks/tunix_sampler.py`` (its own
+Qwen3 loaded from the same checkpoint, the same prompts and settings), whose JSON line is read
+back. Set the venv up once:
+
+    python3 -m venv /work/venv-tunix
+    /work/venv-tunix/bin/pip install google-tunix jax==0.10.2   # jax as in tapo-jax's venv
+    python benchmarks/bench_sampler.py --tunix-python /work/venv-tunix/bin/python
+
+Each round then adds Tunix with top-p 0.9 alone (``tunix``) and with top-k 50 (``tunix_top_k50``),
+and ours with top-k 50 (``ours_top_k50``); the ratio line gains ``ours_over_tunix`` (top-p alone)
+and ``ours_top_k50_over_tunix_top_k50``.
 """
 
 from __future__ import annotations
@@ -78,11 +91,12 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     def call() -> int:
         ro = sampler.generate(prompts, max_new_tokens=args.new_tokens, temperature=0.6,
-                              top_p=0.9, seed=0)
+                              top_p=0.9, top_k=max(args.top_k, 0), seed=0)
         return int(ro.lengths.sum())
 
     first, steady, tokens = _timed(call, args.repeats)
-    out = dict(case="ours", device=jax.devices()[0].device_kind, batch=args.batch,
+    name = "ours" if args.top_k <= 0 else f"ours_top_k{args.top_k}"
+    out = dict(case=name, device=jax.devices()[0].device_kind, batch=args.batch,
                prompt_len=args.prompt_len, new_tokens=args.new_tokens, chunk=args.chunk,
                tokens=tokens, tokens_per_s=round(tokens / steady, 1),
                steady_call_s=round(steady, 3), compile_s=round(first - steady, 2),
@@ -161,11 +175,25 @@ def run_transformers(args: argparse.Namespace) -> dict:
                 steady_call_s=round(steady, 3), first_call_s=round(first, 2))
 
 
+def _tunix(args: argparse.Namespace, top_k: int) -> dict:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tunix_sampler.py")
+    cmd = [args.tunix_python, script, "--ckpt", args.ckpt, "--batch", str(args.batch),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--repeats", str(args.repeats), "--top-k", str(top_k)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_sampler: the Tunix run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _child(args: argparse.Namespace, which: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--ckpt", args.ckpt, "--device",
            args.device, "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--chunk",
-           str(args.chunk), "--peak-gbps", str(args.peak_gbps), "--hf-top-k", str(args.hf_top_k)]
+           str(args.chunk), "--peak-gbps", str(args.peak_gbps), "--hf-top-k", str(args.hf_top_k),
+           "--top-k", str(args.top_k)]
     env = dict(os.environ)
     if which in ("ours", "oneshot"):
         env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
@@ -201,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="alternating rounds of (ours, transformers); the ratio is their median")
     p.add_argument("--no-oneshot", action="store_true",
                    help="skip the one-shot generate() line")
+    p.add_argument("--tunix-python", default=None,
+                   help="Python of a venv with google-tunix: adds the Tunix cases (see doc)")
     p.add_argument("--hf-top-k", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--top-k", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=("ours", "oneshot", "transformers"),
                    help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -226,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     ratios: dict[str, list[float]] = {"ours_over_transformers": [],
                                       "ours_over_transformers_top_k0": []}
+    if args.tunix_python:
+        ratios.update(ours_over_tunix=[], ours_top_k50_over_tunix_top_k50=[])
     with tempfile.TemporaryDirectory() as tmp:
         args.ckpt = tmp
         _make_checkpoint(tmp)
@@ -247,6 +280,18 @@ def main(argv: list[str] | None = None) -> int:
             ratios["ours_over_transformers"].append(ours["tokens_per_s"] / hf["tokens_per_s"])
             ratios["ours_over_transformers_top_k0"].append(
                 ours["tokens_per_s"] / hf0["tokens_per_s"])
+            if args.tunix_python:
+                args.top_k = 50
+                ours50 = dict(_child(args, "ours"), round=r)
+                args.top_k = 0
+                print(json.dumps(ours50), flush=True)
+                tx = dict(_tunix(args, 0), round=r)
+                print(json.dumps(tx), flush=True)
+                tx50 = dict(_tunix(args, 50), round=r)
+                print(json.dumps(tx50), flush=True)
+                ratios["ours_over_tunix"].append(ours["tokens_per_s"] / tx["tokens_per_s"])
+                ratios["ours_top_k50_over_tunix_top_k50"].append(
+                    ours50["tokens_per_s"] / tx50["tokens_per_s"])
     if not args.rounds:
         return 0
     out = dict(case="ratio", rounds=args.rounds, goal=5.0)

@@ -42,13 +42,21 @@ measures the loop without its cheaper paths (a separate old-log-prob forward, th
 forward on every step); the default ``cheap`` runs the loop's defaults (the update's own forward
 as old log-probs, the reference forward every ``rl.kl_every`` steps when ``rl.kl_coef = 0``;
 the timed iterations then skip it).
+Each iteration line also gives the seconds of prefill (prefill + insert, compile included) inside
+rollout and construction sampling, and the construction prompts' tokens and count.
+``--rounds N`` runs N (GRPO, TAPO) pairs one after the other and ends with a ``ratio_median``
+line: the median over rounds of the ratio lines' numbers and of the per-phase table (the load of
+a shared machine drifts within minutes; each round's two runs are minutes apart at most).
 ``--packing true`` sets ``train.packing`` (update batches packed, ``tapo_jax.rl.packing``);
 every iteration line reports the update batch's padded-token share without and with packing
 (``tokens/padded_share_unpacked``, ``tokens/padded_share_packed``).
 
 The machine may be shared: each line carries the 1-minute load average at the start and end of
 its run and the CPU count; the iteration case also reports process CPU seconds per iteration
-(``cpu_s/total``, compile included), which other processes' load inflates less than wall time.
+(``cpu_s/total``, compile included), which other processes' load inflates less than wall time,
+and its parts (``cpu_s/sampling``, ``cpu_s/construction``, ``cpu_s/reward``, ``cpu_s/rest`` =
+log-probs, update and the rest); the ratio line adds ``overhead_cpu_seconds_ex_compile`` (CPU
+seconds less compile seconds) and ``phase_cpu_seconds``.
 ``peak_rss_mb`` includes XLA's compile-time memory; ``rss_after_compile_mb`` and
 ``rss_after_steps_mb`` (train-step case) are the resident sizes at those points.
 """
@@ -249,6 +257,10 @@ class _Script:
         self.clock = clock
         self.last_n = 0
         self.compile_s = {"sampling": 0.0, "construction": 0.0}  # inside sample calls
+        self.sampler = None  # the policy's Sampler (its last_stats after each call)
+        self.parts = {k: 0.0 for k in ("sampling/prefill_s", "construction/prefill_s",
+                                       "construction/prompt_tokens", "construction/requests",
+                                       "cpu_s/sampling", "cpu_s/construction", "cpu_s/reward")}
         specials = set(tokenizer.all_special_ids)
         tags = ("<analysis>", "</analysis>", "<reconstruction>", "</reconstruction>")
         specials |= {tokenizer.convert_tokens_to_ids(t) for t in tags}
@@ -260,14 +272,22 @@ class _Script:
         self.head = ids("<analysis>a slip</analysis>\n<reconstruction>")
         self.tail = ids("</reconstruction>") + [tokenizer.eos_token_id]
 
-    def sample_fn(self, inner):
+    def sample_fn(self, inner, sampler):
         from tapo_jax.train.rollout import Completion
 
-        def sample(prompt_ids, n, max_new_tokens, seed):
+        self.sampler = sampler
+        def sample(prompt_ids, n, max_new_tokens, seed, **kw):
             self.last_n = n
-            before = self.clock.seconds
-            groups = inner(prompt_ids, n, max_new_tokens, seed)
-            self.compile_s["construction" if n == 1 else "sampling"] += self.clock.seconds - before
+            before, cpu = self.clock.seconds, time.process_time()
+            groups = inner(prompt_ids, n, max_new_tokens, seed, **kw)
+            kind = "construction" if n == 1 else "sampling"
+            self.parts[f"cpu_s/{kind}"] += time.process_time() - cpu
+            self.compile_s[kind] += self.clock.seconds - before
+            last = self.sampler.last_stats if self.sampler is not None else {}
+            self.parts[f"{kind}/prefill_s"] += last.get("prefill_s", 0.0)
+            if n == 1:
+                self.parts["construction/prompt_tokens"] += last.get("prompt_tokens", 0)
+                self.parts["construction/requests"] += last.get("requests", 0)
             if n != 1:  # rollouts: kept as generated
                 return groups
             out = []
@@ -282,7 +302,9 @@ class _Script:
     def score(self, texts, golds):
         import numpy as np
 
+        cpu = time.process_time()
         _, reasons = self.verifier.score(texts, golds)  # paid, verdicts replaced below
+        self.parts["cpu_s/reward"] += time.process_time() - cpu
         i = np.arange(len(texts))
         if self.last_n == self.K:  # rollouts: 3 of K correct in even groups, 1 of K in odd ones
             g, k = i // self.K, i % self.K
@@ -320,7 +342,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
                                    old_from_update=False if full else None)
     ctx = rl_loop.LoopContext(
         graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
-        sample_fn=lambda params: script.sample_fn(policy.sample_fn(params)),
+        sample_fn=lambda params: script.sample_fn(policy.sample_fn(params), policy.sampler()),
         encode=policy.encode, score=script.score, reward_stats=lambda: {})
 
     phases = ("sampling", "construction", "reward", "logprobs", "logprobs_old", "logprobs_ref",
@@ -333,6 +355,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
             warm_s = time.perf_counter() - t_warm
         records = [p.record() for p in problems[it * Q:(it + 1) * Q]]
         c0, s0, cpu0 = clock.seconds, dict(script.compile_s), time.process_time()
+        p0 = dict(script.parts)
         state, metrics, _ = rl_loop.rl_iteration(
             cfg, ctx, state=state, ref_params=ref, step=it, records=records,
             more_records=lambda: [], fns=fns, sampler_params=state.params)
@@ -344,6 +367,10 @@ def run_iteration(args: argparse.Namespace) -> dict:
             metrics["compile/other"] = (metrics["compile/total"] - metrics["compile/sampling"]
                                         - metrics["compile/construction"])
             metrics["time/total_ex_compile"] = metrics["time/total"] - metrics["compile/total"]
+            for k in script.parts:  # prefill seconds (compile included), prompt tokens
+                metrics[k] = script.parts[k] - p0[k]
+            metrics["cpu_s/rest"] = metrics["cpu_s/total"] - sum(
+                metrics[f"cpu_s/{k}"] for k in ("sampling", "construction", "reward"))
             for k in ("sampling", "construction"):
                 metrics[f"time/{k}_ex_compile"] = metrics[f"time/{k}"] - metrics[f"compile/{k}"]
             timed.append(metrics)
@@ -363,13 +390,15 @@ def run_iteration(args: argparse.Namespace) -> dict:
     for k in ("sampling", "construction", "total"):
         out[f"time/{k}_ex_compile"] = mean(f"time/{k}_ex_compile")
     out["time/total_each"] = [round(m["time/total"], 3) for m in timed]
-    out["cpu_s/total"] = mean("cpu_s/total")
+    for k in ("total", "sampling", "construction", "reward", "rest"):
+        out[f"cpu_s/{k}"] = mean(f"cpu_s/{k}")
     out.update({f"compile/{k}": mean(f"compile/{k}")
                 for k in ("total", "sampling", "construction", "other")})
     for k in ("batch/rows", "batch/padded_rows", "batch/length", "tokens/trained",
               "tokens/sampled", "tapo/constructions_attempted", "tapo/constructions_parsed",
               "tapo/zpd_eligible_share", "kl_measured", "tokens/padded_share_unpacked",
-              "tokens/padded_share_packed"):
+              "tokens/padded_share_packed", "sampling/prefill_s", "construction/prefill_s",
+              "construction/prompt_tokens", "construction/requests"):
         if k in timed[-1]:
             out[k] = mean(k)
     out["sampler_compile_counts"] = sampler.compile_counts
@@ -433,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=64, help="iteration: sampler slots")
     p.add_argument("--warmup-iters", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="GRPO/TAPO pairs run one after the other; with several, a last line "
+                        "(ratio_median) gives the median over rounds (a shared machine's speed "
+                        "drifts within minutes)")
     p.add_argument("--path", choices=("cheap", "full"), default="cheap",
                    help="iteration: 'full' runs the separate old-log-prob forward and the "
                         "reference forward every step (rl.kl_every=1), as before the cheaper "
@@ -469,34 +502,68 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     for case in cases:
-        res = {}
-        for algorithm in ("grpo", "tapo"):
-            res[algorithm] = _child(args, case, algorithm)
-            print(json.dumps(res[algorithm]), flush=True)
-        g, t = res["grpo"], res["tapo"]
-        if case == "train_step":
-            ratio = dict(case="ratio", of="train_step",
-                         tapo_over_grpo_ms_per_step=round(t["ms_per_step"] / g["ms_per_step"], 3),
-                         tapo_over_grpo_ms_per_step_min=round(
-                             t["ms_per_step_min"] / g["ms_per_step_min"], 3),
-                         tapo_over_grpo_peak_rss=round(t["peak_rss_mb"] / g["peak_rss_mb"], 3))
-        else:
-            ratio = dict(case="ratio", of="iteration",
-                         overhead=round(t["time/total"] / g["time/total"], 3),
-                         overhead_ex_compile=round(
-                             t["time/total_ex_compile"] / g["time/total_ex_compile"], 3),
-                         overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3))
-            for k in ("sampling_ex_compile", "construction_ex_compile", "reward", "logprobs",
-                      "update", "total_ex_compile"):
-                ratio[f"tapo_minus_grpo_time/{k}"] = round(t[f"time/{k}"] - g[f"time/{k}"], 4)
-            ratio["path"] = args.path
-            ratio["packing"] = args.packing
-            ratio["phase_seconds"] = {  # per-phase table, seconds per iteration
-                k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
-                for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
-                          "logprobs_old", "logprobs_ref", "update", "total_ex_compile")}
-        print(json.dumps(ratio), flush=True)
+        ratios = [_round(args, case, r) for r in range(args.rounds)]
+        if args.rounds > 1:
+            _print_median(case, ratios)
     return 0
+
+
+def _print_median(case: str, ratios: list[dict]) -> None:
+    """The median over rounds of every number in the rounds' ratio lines (and of the table)."""
+    def med(values):
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else round((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2, 4)
+
+    out = dict(case="ratio_median", of=case, rounds=len(ratios))
+    for k, v in ratios[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+            out[k] = med([r[k] for r in ratios])
+            out[k + "_per_round"] = [r[k] for r in ratios]
+    for table in ("phase_seconds", "phase_cpu_seconds"):
+        if table in ratios[0]:
+            out[table] = {k: {a: med([r[table][k][a] for r in ratios]) for a in ("grpo", "tapo")}
+                          for k in ratios[0][table]}
+    print(json.dumps(out), flush=True)
+
+
+def _round(args: argparse.Namespace, case: str, r: int) -> dict:
+    """One GRPO run and one TAPO run of ``case`` (each in its own process); prints their lines
+    and the ratio line, and returns the ratio."""
+    res = {}
+    for algorithm in ("grpo", "tapo"):
+        res[algorithm] = dict(_child(args, case, algorithm), round=r)
+        print(json.dumps(res[algorithm]), flush=True)
+    g, t = res["grpo"], res["tapo"]
+    if case == "train_step":
+        ratio = dict(case="ratio", of="train_step",
+                     tapo_over_grpo_ms_per_step=round(t["ms_per_step"] / g["ms_per_step"], 3),
+                     tapo_over_grpo_ms_per_step_min=round(
+                         t["ms_per_step_min"] / g["ms_per_step_min"], 3),
+                     tapo_over_grpo_peak_rss=round(t["peak_rss_mb"] / g["peak_rss_mb"], 3))
+    else:
+        ratio = dict(case="ratio", of="iteration",
+                     overhead=round(t["time/total"] / g["time/total"], 3),
+                     overhead_ex_compile=round(
+                         t["time/total_ex_compile"] / g["time/total_ex_compile"], 3),
+                     overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3),
+                     overhead_cpu_seconds_ex_compile=round(
+                         (t["cpu_s/total"] - t["compile/total"])
+                         / (g["cpu_s/total"] - g["compile/total"]), 3))
+        for k in ("sampling_ex_compile", "construction_ex_compile", "reward", "logprobs",
+                  "update", "total_ex_compile"):
+            ratio[f"tapo_minus_grpo_time/{k}"] = round(t[f"time/{k}"] - g[f"time/{k}"], 4)
+        ratio["path"] = args.path
+        ratio["packing"] = args.packing
+        ratio["phase_seconds"] = {  # per-phase table, seconds per iteration
+            k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
+            for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
+                      "logprobs_old", "logprobs_ref", "update", "total_ex_compile")}
+        ratio["phase_cpu_seconds"] = {  # process CPU seconds (all threads), compile included
+            k: {"grpo": g[f"cpu_s/{k}"], "tapo": t[f"cpu_s/{k}"]}
+            for k in ("sampling", "construction", "reward", "rest", "total")}
+    ratio["round"] = r
+    print(json.dumps(ratio), flush=True)
+    return ratio
 
 
 if __name__ == "__main__":

@@ -268,3 +268,40 @@ def test_attend_buckets(tied):
     with pytest.raises(ValueError, match="attend_len"):
         engine.generate(engine.init_decode_state(), steps=1, k_bound=1, filtered=False,
                         attend_len=engine.max_len + 1)
+
+
+def test_fused_decode_layout_gives_the_models_logits(untied):
+    """The engine's copy of the weights (q/k/v and gate/up fused, model dim first) computes the
+    logits of the training layout, on a forward without a cache and with one."""
+    from tapo_jax.models.qwen3 import decode_graphdef, fuse_projections, has_fused_projections
+
+    _, model, sampler = untied
+    assert sampler.engine.fused and has_fused_projections(sampler.engine.params)
+    graphdef, params = nnx.split(model, nnx.Param)
+    fused = nnx.merge(decode_graphdef(graphdef, model.cfg, True),
+                      fuse_projections(model.cfg, params))
+    tokens = np.asarray([p + [1] * (12 - len(p)) for p in PROMPTS], np.int32)
+    np.testing.assert_allclose(np.asarray(fused(tokens)), np.asarray(model(tokens)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cache_and_prefill_buckets_per_call(tied):
+    """A call allocates a cache bucket of what its requests reach, not the engine's max_len, and
+    prompts of a shorter length bucket ride in the padding rows of a longer one; the rollouts
+    are those of a one-slot engine whose cache is exactly max_len (one prefill per request)."""
+    _, model, _ = tied
+    graphdef, params = nnx.split(model, nnx.Param)
+    kw = dict(SLOT_KW, n=1, max_new_tokens=10)
+    # length buckets 8, then 64 three times (33 > 32): 4 rows of bucket 64 take all four
+    prompts = [[5, 9] * 3, [4, 1, 8] * 11, [7, 3, 2] * 11, [9, 9, 6] * 11]
+    exact = Sampler(graphdef, params, num_slots=1, max_len=43, chunk=4)
+    ref = exact.generate(prompts, **kw)
+    assert ref.stats["cache_len"] == 43 and ref.stats["prefill_calls"] == 4
+    big = Sampler(graphdef, params, num_slots=8, max_len=300, chunk=4)
+    out = big.generate(prompts, **kw)
+    assert out.stats["cache_len"] == 64  # 33 + 10 tokens
+    assert out.stats["prefill_calls"] == 1
+    assert_same_rollouts(ref, out)
+    assert big.engine.cache_bucket(70) == 96 and big.engine.cache_bucket(97) == 128
+    assert [big.engine.length_bucket(n) for n in (5, 64, 65, 96, 97, 129, 193)] == [
+        8, 64, 96, 96, 128, 192, 256]

@@ -124,13 +124,20 @@ def _project_heads(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with per-head q_norm/k_norm (HF ``Qwen3Attention``)."""
+    """Grouped-query attention with per-head q_norm/k_norm (HF ``Qwen3Attention``).
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    ``fused``: q, k and v heads in one ``qkv_proj`` [D, N + 2K, H] (the decode engine's layout,
+    see :func:`fuse_projections`): one [B*T, D] x [D, (N + 2K) H] matmul instead of three."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, fused: bool = False):
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.hidden_size
-        self.q_proj = Linear((n, h, d), ("q_heads", "head_dim", "embed"), cfg, rngs)
-        self.k_proj = Linear((k, h, d), ("kv_heads", "head_dim", "embed"), cfg, rngs)
-        self.v_proj = Linear((k, h, d), ("kv_heads", "head_dim", "embed"), cfg, rngs)
+        self.fused, self.heads = fused, (n, k)
+        if fused:
+            self.qkv_proj = Linear((d, n + 2 * k, h), ("embed", None, "head_dim"), cfg, rngs)
+        else:
+            self.q_proj = Linear((n, h, d), ("q_heads", "head_dim", "embed"), cfg, rngs)
+            self.k_proj = Linear((k, h, d), ("kv_heads", "head_dim", "embed"), cfg, rngs)
+            self.v_proj = Linear((k, h, d), ("kv_heads", "head_dim", "embed"), cfg, rngs)
         self.o_proj = Linear((d, n, h), ("embed", "q_heads", "head_dim"), cfg, rngs)
         self.q_norm = RMSNorm(h, cfg)
         self.k_norm = RMSNorm(h, cfg)
@@ -146,9 +153,16 @@ class Attention(nnx.Module):
         (S) are read.
         Returns ([B, T, D], cache)."""
         dt = x.dtype
-        q = _project_heads(x, self.q_proj.weight[...].astype(dt))
-        k = _project_heads(x, self.k_proj.weight[...].astype(dt))
-        v = _project_heads(x, self.v_proj.weight[...].astype(dt))
+        if self.fused:
+            w = self.qkv_proj.weight[...].astype(dt)  # [D, N + 2K, H]
+            n_q, n_kv = self.heads
+            qkv = jnp.einsum("BTD,DE->BTE", x, w.reshape(w.shape[0], -1)).reshape(
+                *x.shape[:2], *w.shape[1:])
+            q, k, v = jnp.split(qkv, (n_q, n_q + n_kv), axis=2)
+        else:
+            q = _project_heads(x, self.q_proj.weight[...].astype(dt))
+            k = _project_heads(x, self.k_proj.weight[...].astype(dt))
+            v = _project_heads(x, self.v_proj.weight[...].astype(dt))
         q = apply_rope(self.q_norm(q), sin, cos)
         k = apply_rope(self.k_norm(k), sin, cos)
         k_axes = v_axes = "BSKH"  # layouts of the keys / values attended to
@@ -187,28 +201,40 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)).
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    ``fused``: gate and up in one ``gate_up_proj`` [D, 2, F] (the decode engine's layout, see
+    :func:`fuse_projections`): one [B*T, D] x [D, 2F] matmul instead of two [F, D]^T ones."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, fused: bool = False):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear((f, d), ("mlp", "embed"), cfg, rngs)
-        self.up_proj = Linear((f, d), ("mlp", "embed"), cfg, rngs)
+        self.fused = fused
+        if fused:
+            self.gate_up_proj = Linear((d, 2, f), ("embed", None, "mlp"), cfg, rngs)
+        else:
+            self.gate_proj = Linear((f, d), ("mlp", "embed"), cfg, rngs)
+            self.up_proj = Linear((f, d), ("mlp", "embed"), cfg, rngs)
         self.down_proj = Linear((d, f), ("embed", "mlp"), cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jnp.einsum("BTD,FD->BTF", x, self.gate_proj.weight[...].astype(dt))
-        up = jnp.einsum("BTD,FD->BTF", x, self.up_proj.weight[...].astype(dt))
+        if self.fused:
+            w = self.gate_up_proj.weight[...].astype(dt)  # [D, 2, F]
+            h = jnp.einsum("BTD,DE->BTE", x, w.reshape(w.shape[0], -1))
+            gate, up = h[..., :w.shape[2]], h[..., w.shape[2]:]
+        else:
+            gate = jnp.einsum("BTD,FD->BTF", x, self.gate_proj.weight[...].astype(dt))
+            up = jnp.einsum("BTD,FD->BTF", x, self.up_proj.weight[...].astype(dt))
         return jnp.einsum("BTF,DF->BTD", jax.nn.silu(gate) * up,
                           self.down_proj.weight[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, fused: bool = False):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.self_attn = Attention(cfg, rngs)
+        self.self_attn = Attention(cfg, rngs, fused)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, fused)
 
     def __call__(self, x, sin, cos, mask, cache=None, slots=None, attend_len=None,
                  segment_ids=None, packed=False):
@@ -221,10 +247,10 @@ class DecoderLayer(nnx.Module):
 class Backbone(nnx.Module):
     """HF ``Qwen3Model``: embed_tokens, layers, norm."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, fused: bool = False):
         self.embed_tokens = Linear((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg,
                                    rngs)
-        layers = [DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)]
+        layers = [DecoderLayer(cfg, rngs, fused) for _ in range(cfg.num_layers)]
         # scan_layers: one DecoderLayer whose params carry a leading "layers" axis [L, ...]
         self.layers = _stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg)
@@ -257,9 +283,11 @@ class Qwen3(nnx.Module):
     """Qwen3 causal LM. Parameter paths follow HF (``model.layers.0.self_attn.q_proj.weight``);
     ``lm_head`` is None when the embeddings are tied."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fused_projections: bool = False):
+        """``fused_projections``: the decode layout of the weights (q/k/v and gate/up fused,
+        see :func:`fuse_projections`); the training / HF layout without it."""
         self.cfg = cfg
-        self.model = Backbone(cfg, rngs)
+        self.model = Backbone(cfg, rngs, fused_projections)
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings else Linear(
             (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, rngs))
 
@@ -438,4 +466,53 @@ def unstack_layers(cfg: ModelConfig, state: nnx.State) -> nnx.State:
 
     for path, var in nnx.to_flat_state(target):
         var.set_value(value(path))
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused decode layout: q/k/v and gate/up projections in one weight each
+# ----------------------------------------------------------------------------------------------
+
+
+def has_fused_projections(state: nnx.State) -> bool:
+    """Whether ``state`` holds params of the fused decode layout (``fused_projections``)."""
+    return any("gate_up_proj" in map(str, path) for path, _ in nnx.to_flat_state(state))
+
+
+def decode_graphdef(graphdef: nnx.GraphDef, cfg: ModelConfig, fused: bool) -> nnx.GraphDef:
+    """The graphdef of the same model with one module per layer, with the fused projections
+    of :func:`fuse_projections` when ``fused`` (``graphdef`` itself when neither changes it)."""
+    if not fused:
+        return unstacked_graphdef(graphdef, cfg)
+    flat = dataclasses.replace(cfg, scan_layers=False)
+    return nnx.split(nnx.eval_shape(
+        lambda: Qwen3(flat, rngs=nnx.Rngs(0), fused_projections=True)))[0]
+
+
+def fuse_projections(cfg: ModelConfig, state: nnx.State) -> nnx.State:
+    """Per-layer params (scanned ones unstacked) in the fused layout: ``qkv_proj`` [D, N + 2K, H]
+    = q [N, H, D], k [K, H, D] and v [K, H, D] concatenated over heads and moved model-dim first;
+    ``gate_up_proj`` [D, 2, F] = gate and up [F, D] stacked and moved model-dim first. Every
+    product is the same dot product as before. Pure: use inside jit."""
+    flat_cfg = dataclasses.replace(cfg, scan_layers=False)
+    target = nnx.split(nnx.eval_shape(
+        lambda: Qwen3(flat_cfg, rngs=nnx.Rngs(0), fused_projections=True)))[1]
+    source = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(unstack_layers(cfg, state))}
+
+    def get(path):
+        v = source[tuple(map(str, path))]
+        return v[...] if isinstance(v, nnx.Variable) else v
+
+    for path, var in nnx.to_flat_state(target):
+        path = tuple(map(str, path))
+        if path[-2] == "qkv_proj":
+            base = path[:-2]
+            w = jnp.concatenate([get(base + (f"{n}_proj", "weight")) for n in "qkv"], axis=0)
+            var.set_value(jnp.transpose(w, (2, 0, 1)))
+        elif path[-2] == "gate_up_proj":
+            base = path[:-2]
+            w = jnp.stack([get(base + (f"{n}_proj", "weight")) for n in ("gate", "up")])
+            var.set_value(jnp.transpose(w, (2, 0, 1)))
+        else:
+            var.set_value(get(path))
     return target

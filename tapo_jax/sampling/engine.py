@@ -7,8 +7,9 @@ live slot inside one jitted ``lax.while_loop`` (the host intervenes only every N
 ``free_slots`` and ``update_params``.
 
 Every buffer has a static shape and is donated between calls. Prefill pads prompts to a length
-bucket (powers of two, or ``prefill_buckets``) and a row bucket (powers of two up to the number
-of slots), so the number of compilations is bounded. Compiled functions are shared by every engine
+bucket (powers of two and, from 64 on, three halves of one; or ``prefill_buckets``) and a row
+bucket (powers of two up to the number of slots); a decode state's cache holds a cache bucket of
+what its call needs (at most ``max_len``), so the number of compilations is bounded. Compiled functions are shared by every engine
 in the process: they are cached by what determines the compiled code (graphdef, cache dtype,
 mesh and sharding rules, the shapes, dtypes and shardings of the arguments, and the static
 sampling options), so a new engine over the same model, or a one-shot ``generate``, reuses them.
@@ -34,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from tapo_jax.models import sharding as sharding_lib
-from tapo_jax.models.qwen3 import KVCache, init_cache, unstack_layers, unstacked_graphdef
+from tapo_jax.models.qwen3 import (KVCache, decode_graphdef, fuse_projections,
+                                   has_fused_projections, init_cache, unstack_layers)
 from tapo_jax.sampling.logits import sample_tokens, uniforms, uses_uniforms
 
 
@@ -81,6 +83,14 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _length_step(n: int) -> int:
+    """Smallest of 8, 16, 32, 64, 96, 128, 192, 256, 384, ... (powers of two, and from 64 on
+    also three halves of one) that holds ``n``: at most a third of a prefill or a cache is
+    padding above 64 tokens, at twice the compilations of powers of two alone."""
+    p = max(8, _pow2_at_least(n))
+    return 3 * p // 4 if p >= 128 and n <= 3 * p // 4 else p
+
+
 # ------------------------------------------------------------------------ shared compilations
 # (engine key, function name, static options, argument signature) -> jax.stages.Compiled. Kept
 # for the life of the process (bounded by the bucketing above); clear_compile_cache() frees it.
@@ -111,16 +121,21 @@ class Engine:
                  max_len: int, mesh: Any = None, prefill_buckets: Optional[Sequence[int]] = None,
                  max_stop_ids: int = 8, cache_dtype: Any = None):
         self.cfg = nnx.merge(graphdef, params).cfg
-        # Decoding keeps one module (and one cache array) per layer even when training scans
-        # stacked layers: a decode step then reads each layer's weights in place, where slicing
-        # a stacked [L, ...] buffer per step would copy it (docs/design.md, "Model and memory").
-        self.graphdef = unstacked_graphdef(graphdef, self.cfg)
-        to_decode = functools.partial(_decode_params, self.cfg)
         if num_slots < 1 or max_len < 2:
             raise ValueError(f"num_slots must be >= 1 and max_len >= 2, got {num_slots}, {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
         self.mesh = mesh if mesh is not None else sharding_lib.make_mesh(
             _single_mesh_cfg(), devices=jax.devices()[:1])
+        # Decoding keeps one module (and one cache array) per layer even when training scans
+        # stacked layers: a decode step then reads each layer's weights in place, where slicing
+        # a stacked [L, ...] buffer per step would copy it (docs/design.md, "Model and memory").
+        # Without tensor parallelism the q/k/v and gate/up weights are fused (one matmul each,
+        # model dim first: fewer and faster kernels per step); params already in that layout
+        # (another engine's) are taken as they are.
+        already = has_fused_projections(params)
+        self.fused = already or self.mesh.shape["tensor"] == 1
+        self.graphdef = graphdef if already else decode_graphdef(graphdef, self.cfg, self.fused)
+        to_decode = functools.partial(_decode_params, self.cfg, fused=self.fused and not already)
         self.rules = sharding_lib.SAMPLE_RULES
         self.prefill_buckets = tuple(sorted(prefill_buckets)) if prefill_buckets else None
         self.max_stop_ids = max_stop_ids
@@ -173,15 +188,20 @@ class Engine:
         if sig != self._params_sig:  # other dtypes: another set of compilations
             self._params_sig, self._local = sig, {}
 
-    def init_decode_state(self, stop_ids: Sequence[int] = (),
-                          num_slots: Optional[int] = None) -> DecodeState:
+    def init_decode_state(self, stop_ids: Sequence[int] = (), num_slots: Optional[int] = None,
+                          cache_len: Optional[int] = None) -> DecodeState:
         """Empty decode state of ``num_slots`` slots (default all; fewer decode fewer rows per
-        step: use a :meth:`row_bucket` for few requests, so compilations stay bounded)."""
+        step: use a :meth:`row_bucket` for few requests, so compilations stay bounded) with
+        ``cache_len`` cache slots per sequence (default ``max_len``; a call whose sequences
+        need fewer allocates, fills and copies less: use a :meth:`cache_bucket`)."""
         S, E = num_slots or self.num_slots, self.max_stop_ids
+        M = cache_len or self.max_len
+        if not 2 <= M <= self.max_len:
+            raise ValueError(f"cache_len {M} outside [2, {self.max_len}]")
         stops = np.full((E,), -1, np.int32)
         stops[: len(stop_ids)] = stop_ids
         state = DecodeState(
-            cache=init_cache(self.cfg, S, self.max_len, self.cache_dtype),
+            cache=init_cache(self.cfg, S, M, self.cache_dtype),
             next_pos=jnp.zeros((S,), jnp.int32), last_token=jnp.zeros((S,), jnp.int32),
             generated=jnp.zeros((S,), jnp.int32), max_new=jnp.zeros((S,), jnp.int32),
             done=jnp.ones((S,), bool), stopped=jnp.zeros((S,), bool),
@@ -209,9 +229,16 @@ class Engine:
                     return min(b, self.max_len)  # a prefix never outgrows the cache
             raise ValueError(f"prompt of {n} tokens exceeds the largest prefill bucket "
                              f"{self.prefill_buckets[-1]}")
-        return min(max(8, _pow2_at_least(n)), self.max_len)
+        return min(_length_step(n), self.max_len)
 
-    def attend_bucket(self, n: int) -> int:
+    def cache_bucket(self, n: int) -> int:
+        """Cache slots per sequence for a call whose sequences reach ``n`` tokens: a power of two
+        (at least 32) or three times one, at most ``max_len`` (few compilations per engine)."""
+        if n < 1:
+            raise ValueError(f"cache length must be >= 1, got {n}")
+        return min(max(32, _length_step(n)), self.max_len)
+
+    def attend_bucket(self, n: int, cache_len: Optional[int] = None) -> int:
         """Cache slots a decode call reads when no live sequence reaches past slot ``n``: a
         power of two (at least 32) up to half the cache length, else the whole cache, so the
         number of decode compilations stays logarithmic in ``max_len``.
@@ -220,8 +247,9 @@ class Engine:
         four reads of the window; it pays when it skips at least half of the cache."""
         if n < 1:
             raise ValueError(f"attend length must be >= 1, got {n}")
+        M = cache_len or self.max_len
         b = max(32, _pow2_at_least(n))
-        return b if 2 * b <= self.max_len else self.max_len
+        return b if 2 * b <= M else M
 
     def row_bucket(self, n: int) -> int:
         """Prefill rows: powers of two from num_slots / 8 up to num_slots (few compilations)."""
@@ -260,8 +288,9 @@ class Engine:
         cache length, the call decodes on a window of those slots, cut from the cache once and
         written back at the end.
         """
-        if attend_len is not None and not 0 < attend_len <= self.max_len:
-            raise ValueError(f"attend_len {attend_len} outside [1, {self.max_len}]")
+        M = state.cache.pos.shape[1]
+        if attend_len is not None and not 0 < attend_len <= M:
+            raise ValueError(f"attend_len {attend_len} outside [1, {M}]")
         static = dict(steps=steps, k_bound=k_bound, filtered=filtered, attend_len=attend_len)
         fn = self._compiled("generate", (state,), static, lambda: self._generate)
         return fn(self.params, state)
@@ -278,13 +307,14 @@ class Engine:
         return state.replace(done=state.done.at[idx].set(True))
 
 
-def _decode_params(cfg: Any, params: nnx.State) -> nnx.State:
-    """The sampling copy's layout: per-layer params, floats in the compute dtype. The model casts
-    every weight to ``cfg.dtype`` before using it, so storing them so changes no result and
-    halves the copy of float32 master weights."""
+def _decode_params(cfg: Any, params: nnx.State, fused: bool = False) -> nnx.State:
+    """The sampling copy's layout: per-layer params (q/k/v and gate/up fused when ``fused``),
+    floats in the compute dtype. The model casts every weight to ``cfg.dtype`` before using it,
+    so storing them so changes no result and halves the copy of float32 master weights."""
     dt = jnp.dtype(cfg.dtype)
+    layout = fuse_projections(cfg, params) if fused else unstack_layers(cfg, params)
     return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        unstack_layers(cfg, params))
+                        layout)
 
 
 # ------------------------------------------------------------------------ compiled functions

@@ -107,6 +107,8 @@ class Sampler:
                              max_len=max_len, mesh=local, prefill_buckets=prefill_buckets)
         self.chunk = chunk
         self.tokenizer = tokenizer
+        self.last_stats: dict[str, Any] = {}  # wall / prefill seconds of the last generate
+        self._prefill_calls = 0
 
     def update_params(self, params: Any) -> None:
         self.engine.update_params(local_params(params, self.engine.mesh))
@@ -161,22 +163,31 @@ class Sampler:
         queue = collections.deque(mine)
         active = eng.row_bucket(max(len(mine), 1))  # few requests decode on fewer slots
         slot_req = [-1] * active
-        state = eng.init_decode_state(stop_ids, num_slots=active)
+        # the cache holds what this call's longest request reaches (and its prefill bucket)
+        longest = max((len(p) for p in prompts), default=1)
+        cache_len = min(max(eng.cache_bucket(longest + max_new_tokens),
+                            eng.length_bucket(longest)), eng.max_len)
+        state = eng.init_decode_state(stop_ids, num_slots=active, cache_len=cache_len)
         finished = 0
         decode_calls = 0
+        prefill_s = 0.0  # prefill + insert (blocked on by the first tokens' read-back)
+        prefill_calls_before = self._prefill_calls
 
         while finished < len(mine):
             free = [s for s, r in enumerate(slot_req) if r < 0]
             if free and queue:
                 take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+                t_admit = time.perf_counter()
                 state = self._admit(state, take, free, slot_req, prompts, p_idx, keys,
                                     max_new_tokens, sampling_row, k_bound, filtered,
                                     tokens, logps)
+                prefill_s += time.perf_counter() - t_admit
             # the furthest a live sequence can reach in this call bounds the cache slots read
             reach = max(len(prompts[p_idx[r]]) + len(tokens[r]) - 1
                         for r in slot_req if r >= 0) + self.chunk  # (a slot is live here)
             state, res = eng.generate(state, steps=self.chunk, k_bound=k_bound,
-                                      filtered=filtered, attend_len=eng.attend_bucket(reach))
+                                      filtered=filtered,
+                                      attend_len=eng.attend_bucket(reach, cache_len))
             decode_calls += 1
             toks, lps, valid, done, stop = jax.device_get(
                 (res.tokens, res.logprobs, res.valid, state.done, state.stopped))
@@ -196,6 +207,8 @@ class Sampler:
         tokens, logps, stopped = _gather_requests(R, mine, max_new_tokens, tokens, logps, stopped)
         wall = time.perf_counter() - t_start
         lengths = np.array([len(t) for t in tokens], np.int32)
+        self.last_stats = dict(wall_s=wall, prefill_s=prefill_s, requests=R,
+                               prompt_tokens=int(sum(len(prompts[i]) for i in p_idx)))
         return Rollouts(
             prompt_index=p_idx, sample_index=s_idx,
             tokens=[np.asarray(t, np.int32) for t in tokens],
@@ -203,7 +216,8 @@ class Sampler:
             finish_reason=["stop" if s else "length" for s in stopped],
             stats=dict(wall_s=wall, tokens=int(lengths.sum()),
                        tokens_per_s=float(lengths.sum() / max(wall, 1e-9)),
-                       decode_calls=decode_calls,
+                       decode_calls=decode_calls, prefill_s=prefill_s, cache_len=cache_len,
+                       prefill_calls=self._prefill_calls - prefill_calls_before,
                        compilations=sum(eng.compile_counts.values()) - compiles_before,
                        compile_counts=dict(eng.compile_counts)))
 
@@ -214,6 +228,13 @@ class Sampler:
         by_bucket: dict[int, list[int]] = collections.defaultdict(list)
         for r in take:
             by_bucket[eng.length_bucket(len(prompts[p_idx[r]]))].append(r)
+        # a shorter bucket's requests fill the padding rows of the next longer one for free
+        lengths = sorted(by_bucket)
+        for short, long_ in zip(lengths, lengths[1:]):
+            n_long = len(by_bucket[long_])
+            if (n_long <= eng.num_slots and eng.row_bucket(n_long + len(by_bucket[short]))
+                    == eng.row_bucket(n_long)):
+                by_bucket[long_] = by_bucket.pop(short) + by_bucket[long_]
         free = list(free)
         for T, reqs in sorted(by_bucket.items()):
             P = eng.row_bucket(len(reqs))
@@ -229,6 +250,7 @@ class Sampler:
                     k[row] = keys[r]
                 samp = {name: np.full((P,), v) for name, v in sampling_row.items()}
                 prefix = eng.prefill(toks, true_len, k, samp, k_bound=k_bound, filtered=filtered)
+                self._prefill_calls += 1
                 slots = np.full((P,), -1, np.int32)
                 for row, r in enumerate(part):
                     s = free.pop(0)
