@@ -18,6 +18,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -130,6 +131,12 @@ def put_global(shape: tuple[int, ...], sharding: Any, read: Any) -> jax.Array:
     shards = [jax.device_put(read(index), device) for device, index
               in sharding.addressable_devices_indices_map(shape).items()]
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def fresh_copy(tree: Any) -> Any:
+    """The values of ``tree`` in new buffers when traced inside a jit (``x + 0`` is not folded
+    into an alias), so a copy survives the donation of the original."""
+    return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), tree)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

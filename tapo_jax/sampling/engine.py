@@ -148,7 +148,7 @@ class Engine:
         self._base_key = (self.graphdef, self.cache_dtype, self.mesh, _freeze(self.rules))
         self._local: dict[tuple, Any] = {}  # this engine's view of _COMPILED (no graphdef hash)
         self._params_sig: Optional[tuple] = None
-        n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        n_dp = sharding_lib.data_parallel_size(self.mesh)
         self._slot_multiple = n_dp if num_slots % n_dp == 0 else 1
         if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
             # abstract params: an engine whose programs can be lowered and analysed, not run
@@ -320,7 +320,7 @@ def _decode_params(cfg: Any, params: nnx.State, fused: bool = False) -> nnx.Stat
 # ------------------------------------------------------------------------ compiled functions
 # Pure functions of (params, arrays); the engine compiles them once per key (see _COMPILED).
 def _copy_impl(to_decode, params):
-    return jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), to_decode(params))
+    return sharding_lib.fresh_copy(to_decode(params))
 
 
 def _prefill_impl(graphdef, cache_dtype, params, tokens, true_length, keys, temperature, top_p,

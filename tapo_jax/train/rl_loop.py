@@ -257,7 +257,7 @@ def build_device_fns(cfg: Config, graphdef: Any, mesh: Any, *,
 
 def copy_params(params: Any) -> Any:
     """A real copy (the train step donates its state, so references must not alias it)."""
-    return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p))(params)
+    return jax.jit(sharding_lib.fresh_copy)(params)
 
 
 # --------------------------------------------------------------------------------------------
