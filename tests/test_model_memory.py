@@ -101,3 +101,22 @@ def test_blockwise_remat_temporaries_grow_linearly():
     assert n2 / n1 > 3.0
     assert l2 / l1 < 2.3
     assert l2 < n2 / 4
+
+
+def test_memory_analysis_of_every_program_compiles():
+    """The benchmark's programs (RL and SFT steps, the log-prob forward, the decode call) lower
+    and compile at a small shape; the log-prob forward's arguments are exactly the params plus
+    three int32 [rows, length] arrays (bytes counted here from the shapes)."""
+    from tapo_jax.memory import decode_memory, logprob_memory, train_step_memory
+
+    cfg = Config(model=BASE, rl=RLConfig(algorithm="tapo"))
+    cfg.sampling.max_new_tokens, cfg.sampling.max_prompt_len, cfg.sampling.num_slots = 8, 8, 4
+    mesh = sh.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    rows, length = 4, 32
+    lp = logprob_memory(cfg, mesh, rows=rows, length=length)
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                      for x in jax.tree.leaves(abstract_params(BASE)[1]))
+    assert lp["argument_gb"] * 1e9 == pytest.approx(param_bytes + 3 * rows * length * 4)
+    for kind in ("rl", "sft"):
+        assert train_step_memory(cfg, mesh, kind=kind, rows=rows, length=length)["total_gb"] > 0
+    assert decode_memory(cfg, mesh, steps=4)["total_gb"] > 0

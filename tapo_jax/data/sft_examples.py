@@ -92,7 +92,8 @@ def build_cold_start(
     from the reference is never corrected; at RL time the policy's correct responses often
     differ from the wrong one before its error."""
     if not 0.0 <= reference_slip_fraction <= 1.0:
-        raise ValueError(f"reference_slip_fraction must be in [0, 1], got {reference_slip_fraction}")
+        raise ValueError("reference_slip_fraction must be in [0, 1], "
+                         f"got {reference_slip_fraction}")
     if not 0.0 <= construction_fraction <= 1.0:
         raise ValueError(f"construction_fraction must be in [0, 1], got {construction_fraction}")
     if not problems:

@@ -9,10 +9,11 @@ live slot inside one jitted ``lax.while_loop`` (the host intervenes only every N
 Every buffer has a static shape and is donated between calls. Prefill pads prompts to a length
 bucket (powers of two and, from 64 on, three halves of one; or ``prefill_buckets``) and a row
 bucket (powers of two up to the number of slots); a decode state's cache holds a cache bucket of
-what its call needs (at most ``max_len``), so the number of compilations is bounded. Compiled functions are shared by every engine
-in the process: they are cached by what determines the compiled code (graphdef, cache dtype,
-mesh and sharding rules, the shapes, dtypes and shardings of the arguments, and the static
-sampling options), so a new engine over the same model, or a one-shot ``generate``, reuses them.
+what its call needs (at most ``max_len``), so the number of compilations is bounded. Compiled
+functions are shared by every engine in the process: they are cached by what determines the
+compiled code (graphdef, cache dtype, mesh and sharding rules, the shapes, dtypes and shardings
+of the arguments, and the static sampling options), so a new engine over the same model, or a
+one-shot ``generate``, reuses them.
 ``compile_counts`` counts the compilations an engine actually performed (cache misses).
 
 Randomness: each request carries its own raw PRNG key; token ``t`` of a request is drawn with
@@ -233,7 +234,8 @@ class Engine:
 
     def cache_bucket(self, n: int) -> int:
         """Cache slots per sequence for a call whose sequences reach ``n`` tokens: a power of two
-        (at least 32) or three times one, at most ``max_len`` (few compilations per engine)."""
+        (at least 32) or, from 96 on, three halves of one; at most ``max_len`` (few compilations
+        per engine)."""
         if n < 1:
             raise ValueError(f"cache length must be >= 1, got {n}")
         return min(max(32, _length_step(n)), self.max_len)

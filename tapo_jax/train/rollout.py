@@ -202,7 +202,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
     else:
         prompts = [synthesis.build_synthesis_prompt(q, w, r, style=style, mode=rl.construction)
                    for q, w, r in zip(questions, wrongs, refs)]
-        s_ids = [tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"]
+        s_ids = [tokenizer(format_prompt(p, tokenizer), add_special_tokens=False)["input_ids"]
                  for p in prompts]
         budget = construction_budget(cfg)
         t0 = time.perf_counter()
@@ -265,10 +265,6 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
     out.examples.append(dict(kind="reconstruction", question=questions[keep[0]],
                              wrong=wrongs[keep[0]], reconstruction=recons[keep[0]],
                              reward=float(r_rew[0])))
-
-
-def _chat(tokenizer: Any, text: str) -> str:
-    return format_prompt(text, tokenizer)
 
 
 def opsd_teacher_rows(out: Collected, encode: Callable) -> list[Optional[list[int]]]:

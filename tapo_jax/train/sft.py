@@ -21,7 +21,7 @@ import numpy as np
 
 from tapo_jax.config import Config, ConfigError
 from tapo_jax.construction.synthesis import resolve_style
-from tapo_jax.data import sft_examples as cs_data
+from tapo_jax.data import sft_examples
 from tapo_jax.data.datasets import read_rows
 from tapo_jax.data.tokenizers import pad_id
 from tapo_jax.models.sharding import data_parallel_size
@@ -45,16 +45,16 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
                 raise ConfigError(f"{cs.data_path}: record {i} needs 'prompt' and 'response' "
                                   f"fields (cold_start.data_path)")
             pairs.append((str(r["prompt"]), str(r["response"])))
-        return cs_data.tokenize_pairs(pairs, tokenizer, chat=cfg.data.chat_template)
+        return sft_examples.tokenize_pairs(pairs, tokenizer, chat=cfg.data.chat_template)
     if cfg.data.kind != "arithmetic":
         raise ConfigError("cold_start.enabled needs cold_start.data_path (prompt/response "
                           "records) unless data.kind = arithmetic")
     mode = "full" if cfg.rl.construction == "full" else "micro"
-    data = cs_data.build_cold_start(
+    data = sft_examples.build_cold_start(
         problems, seed=cfg.train.seed, construction_fraction=cs.construction_fraction,
         style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode,
         reference_slip_fraction=cs.reference_slip_fraction)
-    return cs_data.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
+    return sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
                                    chat=cfg.data.chat_template)
 
 
@@ -83,8 +83,9 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         L = lengths[int(rng.choice(len(lengths), p=weights))]
         members = groups[L]
         idx = rng.integers(0, len(members), batch_size)
-        batch, stats = cs_data.sft_batch([examples[members[i]] for i in idx], pad_id=pad,
-                                 length_buckets=(L,), row_buckets=(batch_size,), max_len=L)
+        batch, stats = sft_examples.sft_batch(
+            [examples[members[i]] for i in idx], pad_id=pad, length_buckets=(L,),
+            row_buckets=(batch_size,), max_len=L)
         tokens += stats.response_tokens
         if cfg.train.packing:
             batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,

@@ -434,7 +434,8 @@ def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, *,
 
     def lower(params: nnx.State, batch: Any) -> jax.stages.Lowered:
         """The compiled program for (possibly abstract) params and batch, for analysis."""
-        return jitted.lower(params, batch.tokens, batch.positions, batch.attention_mask)
+        return jitted.lower(params, batch.tokens, batch.positions, batch.attention_mask,
+                            getattr(batch, "packing", None))
 
     logprob_fn.lower = lower
     return logprob_fn
