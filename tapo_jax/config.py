@@ -202,6 +202,10 @@ class ColdStartConfig:
     # after warmup: cosine down to optim.min_lr_ratio * learning_rate at the last step, or constant
     schedule: Literal["constant", "cosine"] = "cosine"
     construction_fraction: float = 0.5
+    # arithmetic task: problems the cold start is built from. 0 = the RL training problems
+    # (data.num_train); N > 0 = N problems of its own (disjoint from the evaluation problems), so
+    # that a long cold start sees fresh problems instead of repeating a small set for epochs
+    num_problems: int = 0
     # arithmetic task: share of construction examples whose reference is a correct-answer solution
     # with a compensated slip of its own (as the policy's correct rollouts often are), so that the
     # copied prefix can only come from the wrong response (tapo_jax.data.sft_examples)
@@ -564,6 +568,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     c = cfg.cold_start
     _require(0 <= c.construction_fraction <= 1, source, "cold_start.construction_fraction",
              "must be in [0, 1]")
+    _require(c.num_problems >= 0, source, "cold_start.num_problems", "must be >= 0")
     _require(0 <= c.reference_slip_fraction <= 1, source, "cold_start.reference_slip_fraction",
              "must be in [0, 1]")
     s = cfg.sampling

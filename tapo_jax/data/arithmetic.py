@@ -198,6 +198,18 @@ def make_splits(data_cfg: Any, seed: int) -> tuple[list[Problem], list[Problem]]
     return tr, ev
 
 
+def cold_start_problems(data_cfg: Any, seed: int, n: int) -> list[Problem]:
+    """``n`` problems for the cold start (``cold_start.num_problems``): their own stream of the
+    generator, disjoint from the evaluation problems of ``make_splits`` (they may share questions
+    with the RL training problems, which are training data as well)."""
+    knobs = dict(min_steps=data_cfg.min_steps, max_steps=data_cfg.max_steps,
+                 operand_min=data_cfg.operand_min, operand_max=data_cfg.operand_max,
+                 operators=data_cfg.operators)
+    ev = generate_problems(data_cfg.num_eval, seed=seed, stream=1, prefix="eval", **knobs)
+    return generate_problems(n, seed=seed, stream=2, prefix="cold",
+                             exclude=frozenset(p.question for p in ev), **knobs)
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing and the oracle
 # --------------------------------------------------------------------------------------------

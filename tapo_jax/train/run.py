@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from tapo_jax.config import Config, ConfigError, to_dict, training_kind
-from tapo_jax.data.arithmetic import make_splits
+from tapo_jax.data.arithmetic import cold_start_problems, make_splits
 from tapo_jax.data.datasets import DataIterator
 from tapo_jax.evaluation.evaluate import format_table
 from tapo_jax.evaluation.plot import plot_runs
@@ -160,7 +160,11 @@ def cold_start(run: Run, params: Any) -> Any:
     sft_tx = make_optimizer(*optim_config_for(cfg, "sft"))
     sft_state, _ = train_state_from_params(params, sft_tx, policy.mesh, donate=True)
     del params
-    problems = make_splits(cfg.data, cfg.train.seed)[0] if cfg.data.kind == "arithmetic" else []
+    problems: list = []
+    if cfg.data.kind == "arithmetic":
+        n = cfg.cold_start.num_problems
+        problems = (cold_start_problems(cfg.data, cfg.train.seed, n) if n > 0
+                    else make_splits(cfg.data, cfg.train.seed)[0])
     with MetricsWriter(run.out / "cold_start", enabled=run.main) as cs_writer:
         sft_state, run.summary["cold_start"] = run_cold_start(
             cfg, graphdef=policy.graphdef, state=sft_state, mesh=policy.mesh,
