@@ -44,6 +44,12 @@ as old log-probs, the reference forward every ``rl.kl_every`` steps when ``rl.kl
 the timed iterations then skip it).
 Each iteration line also gives the seconds of prefill (prefill + insert, compile included) inside
 rollout and construction sampling, and the construction prompts' tokens and count.
+``--init-from DIR`` (with ``--recipe``, the config the policy was trained under) runs the
+iteration case on a trained policy instead, e.g. a demo cold start's ``hf_cold_start``: its own
+rollouts (of the lengths it writes), the verifier's verdicts, its own constructions (parsed or
+not, stopped where it stops); nothing is scripted, so the two algorithms differ only as they
+would in a run from that cold start, and the timed iterations draw their queries from the
+recipe's training problems (the same ones for both).
 ``--rounds N`` runs N (GRPO, TAPO) pairs one after the other and ends with a ``ratio_median``
 line: the median over rounds of the ratio lines' numbers and of the per-phase table (the load of
 a shared machine drifts within minutes; each round's two runs are minutes apart at most).
@@ -111,6 +117,8 @@ def _config(args: argparse.Namespace, algorithm: str, extra: list[str] | None = 
     from tapo_jax.config import load_config
 
     recipe = "configs/qwen3_0.6b_tapo.yaml" if args.device == "gpu" else f"configs/{algorithm}.yaml"
+    if getattr(args, "recipe", None):
+        recipe = args.recipe
     overrides = [f"rl.algorithm={algorithm}", f"model.preset={args.preset}",
                  f"train.micro_batch_size={args.micro_batch}", "cold_start.enabled=false",
                  "train.progress=false", "train.export_hf=false"]
@@ -314,6 +322,36 @@ class _Script:
         return rew.astype(np.float32), reasons
 
 
+class _Unscripted(_Script):
+    """The same timers around the sampler, nothing replaced (``--init-from``: a trained policy
+    writes its own rollouts and constructions and the verifier's verdicts stand)."""
+
+    def __init__(self, clock: _CompileClock, K: int):
+        self.clock, self.K, self.last_n, self.sampler = clock, K, 0, None
+        self.compile_s = {"sampling": 0.0, "construction": 0.0}
+        self.parts = {k: 0.0 for k in ("sampling/prefill_s", "construction/prefill_s",
+                                       "construction/prompt_tokens", "construction/requests",
+                                       "cpu_s/sampling", "cpu_s/construction", "cpu_s/reward")}
+        self.drop = None
+
+    def sample_fn(self, inner, sampler):
+        def sample(prompt_ids, n, max_new_tokens, seed, **kw):
+            self.sampler, self.last_n = sampler, n
+            before, cpu = self.clock.seconds, time.process_time()
+            groups = inner(prompt_ids, n, max_new_tokens, seed, **kw)
+            kind = "construction" if n == 1 else "sampling"
+            self.parts[f"cpu_s/{kind}"] += time.process_time() - cpu
+            self.compile_s[kind] += self.clock.seconds - before
+            last = sampler.last_stats or {}
+            self.parts[f"{kind}/prefill_s"] += last.get("prefill_s", 0.0)
+            if n == 1:
+                self.parts["construction/prompt_tokens"] += last.get("prompt_tokens", 0)
+                self.parts["construction/requests"] += last.get("requests", 0)
+            return groups
+
+        return sample
+
+
 def run_iteration(args: argparse.Namespace) -> dict:
     import jax
 
@@ -334,16 +372,35 @@ def run_iteration(args: argparse.Namespace) -> dict:
     cfg = policy.cfg
     problems = make_splits(cfg.data, cfg.train.seed)[0]
     Q = cfg.train.batch_size
-    script = _Script(policy.tokenizer, Verifier(), cfg.rl.num_samples, clock)
+    verifier = Verifier()
+    script = None if args.init_from else _Script(policy.tokenizer, verifier, cfg.rl.num_samples,
+                                                  clock)
     tx = make_optimizer(*optim_config_for(cfg, "rl"))
-    state, _ = train_state_from_params(policy.params, tx, policy.mesh)
+    params = policy.params
+    if args.init_from:  # a trained policy: its own rollouts, rewards and constructions
+        from pathlib import Path
+
+        from tapo_jax.train.policy import params_from_path
+
+        params = params_from_path(cfg, Path(args.init_from), policy.mesh, policy.params)
+    state, _ = train_state_from_params(params, tx, policy.mesh)
     ref = rl_loop.copy_params(state.params)
     fns = rl_loop.build_device_fns(cfg, policy.graphdef, policy.mesh,
                                    old_from_update=False if full else None)
+    if script is None:
+        script = _Unscripted(clock, cfg.rl.num_samples)
+
+        def score(texts, golds):
+            cpu = time.process_time()
+            out = verifier.score(texts, golds)
+            script.parts["cpu_s/reward"] += time.process_time() - cpu
+            return out
+    else:
+        score = script.score
     ctx = rl_loop.LoopContext(
         graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
         sample_fn=lambda params: script.sample_fn(policy.sample_fn(params), policy.sampler()),
-        encode=policy.encode, score=script.score, reward_stats=lambda: {})
+        encode=policy.encode, score=score, reward_stats=lambda: {})
 
     phases = ("sampling", "construction", "reward", "logprobs", "logprobs_old", "logprobs_ref",
               "update", "total")
@@ -380,6 +437,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
 
     sampler = policy.sampler()
     out = dict(case="iteration", algorithm=args.algorithm, path=args.path, packing=args.packing,
+               policy=args.init_from or "random (scripted rewards and constructions)",
                device=jax.devices()[0].device_kind,
                preset=args.preset, queries=Q, samples_per_query=cfg.rl.num_samples,
                max_new_tokens=cfg.sampling.max_new_tokens,
@@ -420,13 +478,14 @@ def _check_backend(args: argparse.Namespace) -> None:
 
 _FORWARD = ("device", "preset", "rows", "length", "prompt_len", "micro_batch", "warmup",
             "steps", "peak_tflops", "queries", "slots", "warmup_iters", "iters", "path",
-            "packing")
+            "packing", "init_from", "recipe")
 
 
 def _child(args: argparse.Namespace, case: str, algorithm: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--algorithm", algorithm]
     for name in _FORWARD:
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        if getattr(args, name) is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, JAX_PLATFORMS="cuda" if args.device == "gpu" else "cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -472,6 +531,15 @@ def main(argv: list[str] | None = None) -> int:
                         "paths; 'cheap' (default) the loop's defaults")
     p.add_argument("--packing", type=lambda v: v.lower() in ("1", "true", "yes"),
                    default=False, help="iteration: train.packing (true/false)")
+    p.add_argument("--init-from", default=None,
+                   help="iteration: a trained policy (an HF directory such as a run's "
+                        "hf_cold_start) that writes its own rollouts and constructions: nothing "
+                        "is scripted (default: a random model, scripted rewards and "
+                        "construction texts)")
+    p.add_argument("--recipe", default=None,
+                   help="run config both algorithms start from (rl.algorithm is set per run; "
+                        "default configs/grpo.yaml and configs/tapo.yaml; with --init-from, "
+                        "the config the policy was trained under, e.g. configs/demo.yaml)")
     p.add_argument("--child", choices=("train_step", "iteration"), help=argparse.SUPPRESS)
     p.add_argument("--algorithm", choices=("grpo", "tapo"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

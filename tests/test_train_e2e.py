@@ -396,7 +396,7 @@ def test_packed_iteration_gives_the_unpacked_update(algorithm):
     params after one iteration equal those of the unpacked batch."""
     import dataclasses
 
-    from tapo_jax.train import rl_loop
+    from tapo_jax.train import assembly, rl_loop
     from tapo_jax.train.state import make_optimizer, optim_config_for, train_state_from_params
 
     cfg = load_config("configs/demo.yaml", TINY + [
@@ -419,6 +419,11 @@ def test_packed_iteration_gives_the_unpacked_update(algorithm):
         out[pack] = (jax.tree.map(np.asarray, jax.device_get(state)), metrics)
     (plain, m_plain), (packed, m_packed) = out[False], out[True]
     assert m_packed["batch/packed"] == 1.0 and m_plain["batch/packed"] == 0.0
+    # packed: one [B, T] shape, the largest buckets (unpacked: the smallest that fit)
+    rows_b, len_b = assembly._buckets(cfg, policy.mesh, cfg.train.batch_size)
+    assert len(len_b) > 1
+    assert (m_packed["batch/padded_rows"], m_packed["batch/length"]) == (rows_b[-1], len_b[-1])
+    assert m_plain["batch/length"] < len_b[-1]
     for m in (m_plain, m_packed):  # both runs log the share with and without packing
         assert m["tokens/padded_share_packed"] <= m["tokens/padded_share_unpacked"]
     np.testing.assert_allclose(m_packed["loss"], m_plain["loss"], rtol=2e-5, atol=1e-6)

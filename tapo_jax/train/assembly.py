@@ -5,6 +5,13 @@ host-to-device transfer of a batch); padding metrics come from the host arrays.
 Row buckets are multiples of the data-parallel size times the micro-batch size and the mini-batch
 count; length buckets are powers of two up to the longest prompt plus response or construction,
 so the step compiles a bounded number of times whatever the number of constructions.
+
+With ``train.packing`` the shapes are fixed instead: every batch has the largest row bucket and
+the largest length bucket (padding rows and columns cost nothing there: the forwards run on the
+packed rows), packed into rows of that length, whose count is the only shape that varies (1, 2,
+3, 4, 6, 8, 12, ... per micro-batch). An RL run then compiles its update and log-prob forwards
+for a few packed-row counts, however the number and length of its rows move from step to step
+(without packing, TAPO's reflection rows change both the row and the length bucket).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def _buckets(cfg: Config, mesh: Any, num_queries: int) -> tuple[tuple[int, ...],
     rows = sorted({-(-(base + f) // mult) * mult for f in (0, extra // 4, extra // 2, extra)})
     longest = s.max_prompt_len + max(s.max_new_tokens, construction_budget(cfg))
     lengths = power_of_two_buckets(32, -(-longest // 16) * 16)
+    if cfg.train.packing:  # one [B, T] shape: the forwards run on the packed rows
+        return (rows[-1],), (lengths[-1],)
     return tuple(rows), lengths
 
 
@@ -79,7 +88,7 @@ def assemble_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: int
     batch = TrainBatch(**arrays)
     if cfg.train.packing:
         batch, _ = packing.pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
-                                      row_multiple=data_parallel_size(mesh))
+                                      row_multiple=data_parallel_size(mesh), rows_per_pack=1)
     return place_batch(batch, mesh), stats, padding_metrics(batch, cfg, mesh)
 
 
@@ -134,7 +143,7 @@ def assemble_opsd_batch(col: rollout.Collected, cfg: Config, mesh: Any, pad_id: 
     student = TrainBatch(**student)
     if cfg.train.packing:
         student, _ = packing.pack_batch(student, micro_batch_size=cfg.train.micro_batch_size,
-                                        row_multiple=data_parallel_size(mesh))
+                                        row_multiple=data_parallel_size(mesh), rows_per_pack=1)
     batch = OPSDBatch(student=student, teacher_packing=t_pack,
                       teacher_tokens=t_arr["tokens"], teacher_positions=t_arr["positions"],
                       teacher_attention_mask=t_arr["attention_mask"], teacher_loss_mask=t_mask)
