@@ -161,9 +161,9 @@ def test_property_sampled_tokens_allowed(seed, top_k, top_p, min_p, temperature,
 # ------------------------------------------------------------- two-level inverse-CDF draw
 @functools.lru_cache(maxsize=None)
 def _jitted_draw(block: int):
-    from tapo_jax.sampling.logits import _draw_inverse_cdf
+    from tapo_jax.sampling.logits import draw_inverse_cdf
 
-    return jax.jit(lambda keys, w: _draw_inverse_cdf(keys, w, block=block))
+    return jax.jit(lambda keys, w: draw_inverse_cdf(keys, w, block=block))
 
 
 @settings(max_examples=25, deadline=None)

@@ -38,7 +38,8 @@ from flax import nnx
 from tapo_jax.models import sharding as sharding_lib
 from tapo_jax.models.qwen3 import (KVCache, decode_graphdef, fuse_projections,
                                    has_fused_projections, init_cache, unstack_layers)
-from tapo_jax.sampling.logits import sample_tokens, uniforms, uses_uniforms
+from tapo_jax.sampling.logits import (draw_inverse_cdf, sample_tokens, truncation_mask,
+                                      uniforms, uses_uniforms)
 
 
 @flax.struct.dataclass
@@ -56,6 +57,8 @@ class DecodeState:
     top_k: jax.Array  # int32[S]
     min_p: jax.Array  # float32[S]
     stop_ids: jax.Array  # int32[E]   stop tokens (-1 = unused entry)
+    history: jax.Array  # int32[S, M] token at each position (prompt, then generated): the
+    #                     context that prompt-lookup drafts are copied from
 
 
 @flax.struct.dataclass
@@ -68,6 +71,7 @@ class Prefix:
     first_token: jax.Array  # int32[P]
     first_logprob: jax.Array  # float32[P]
     keys: jax.Array  # uint32[P, 2]
+    tokens: jax.Array  # int32[P, T] the prompts (right-padded)
 
 
 @flax.struct.dataclass
@@ -208,7 +212,8 @@ class Engine:
             done=jnp.ones((S,), bool), stopped=jnp.zeros((S,), bool),
             keys=jnp.zeros((S, 2), jnp.uint32), temperature=jnp.ones((S,), jnp.float32),
             top_p=jnp.ones((S,), jnp.float32), top_k=jnp.zeros((S,), jnp.int32),
-            min_p=jnp.zeros((S,), jnp.float32), stop_ids=jnp.asarray(stops))
+            min_p=jnp.zeros((S,), jnp.float32), stop_ids=jnp.asarray(stops),
+            history=jnp.zeros((S, M), jnp.int32))
         return jax.device_put(state, self._state_shardings(state))
 
     def _state_shardings(self, state: DecodeState) -> DecodeState:
@@ -216,11 +221,13 @@ class Engine:
         slot = sharding_lib.logical_sharding(self.mesh, ("batch",), self.rules, (S,))
         slot2 = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules, (S, 2))
         rep = sharding_lib.logical_sharding(self.mesh, (None,), self.rules, (self.max_stop_ids,))
+        hist = sharding_lib.logical_sharding(self.mesh, ("batch", None), self.rules,
+                                             state.history.shape)
         return DecodeState(
             cache=sharding_lib.cache_shardings(state.cache, self.mesh, self.rules),
             next_pos=slot, last_token=slot, generated=slot, max_new=slot, done=slot,
             stopped=slot, keys=slot2, temperature=slot, top_p=slot, top_k=slot, min_p=slot,
-            stop_ids=rep)
+            stop_ids=rep, history=hist)
 
     # -------------------------------------------------------------------- buckets
     def length_bucket(self, n: int) -> int:
@@ -282,18 +289,26 @@ class Engine:
 
     # -------------------------------------------------------------------- generate
     def generate(self, state: DecodeState, *, steps: int = 1, k_bound: int, filtered: bool,
-                 attend_len: Optional[int] = None) -> tuple[DecodeState, ResultTokens]:
-        """Up to ``steps`` tokens for every live slot (stops early when every slot is done).
+                 attend_len: Optional[int] = None, draft: int = 0
+                 ) -> tuple[DecodeState, ResultTokens]:
+        """Up to ``steps`` decode steps for every live slot (stops early when every slot is
+        done): one token per step, or with ``draft`` > 0 up to ``draft + 1`` (speculative
+        decoding with prompt-lookup drafts, :func:`_spec_step`); ResultTokens then hold
+        ``steps * (draft + 1)`` columns, each slot's tokens first.
 
         ``attend_len``: read only the first cache slots (from :meth:`attend_bucket`). It must
-        exceed every live slot's ``next_pos + steps - 1``; None reads the whole cache. Below the
+        exceed every live slot's ``next_pos + steps * (draft + 1) - 1``; None reads the whole
+        cache. Below the
         cache length, the call decodes on a window of those slots, cut from the cache once and
         written back at the end.
         """
         M = state.cache.pos.shape[1]
         if attend_len is not None and not 0 < attend_len <= M:
             raise ValueError(f"attend_len {attend_len} outside [1, {M}]")
-        static = dict(steps=steps, k_bound=k_bound, filtered=filtered, attend_len=attend_len)
+        if draft < 0:
+            raise ValueError(f"draft must be >= 0, got {draft}")
+        static = dict(steps=steps, k_bound=k_bound, filtered=filtered, attend_len=attend_len,
+                      draft=draft)
         fn = self._compiled("generate", (state,), static, lambda: self._generate)
         return fn(self.params, state)
 
@@ -302,7 +317,7 @@ class Engine:
         """The jitted decode call ``(params, state, *, steps, k_bound, filtered, attend_len)``,
         e.g. to lower it for analysis (calls go through the shared compilations)."""
         return jax.jit(functools.partial(_generate_impl, self.graphdef), donate_argnums=(1,),
-                       static_argnames=("steps", "k_bound", "filtered", "attend_len"))
+                       static_argnames=("steps", "k_bound", "filtered", "attend_len", "draft"))
 
     def free_slots(self, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         idx = jnp.asarray(list(slots), jnp.int32)
@@ -339,7 +354,7 @@ def _prefill_impl(graphdef, cache_dtype, params, tokens, true_length, keys, temp
     tok, lp = sample_tokens(logits, step_keys, temperature, top_k, top_p, min_p,
                             k_bound=k_bound, filtered=filtered)
     return Prefix(k=cache.k, v=cache.v, true_length=true_length, first_token=tok,
-                  first_logprob=lp, keys=keys)
+                  first_logprob=lp, keys=keys, tokens=tokens)
 
 
 def _insert_impl(params, prefix, state, slots, max_new, temperature, top_p, top_k, min_p):
@@ -357,12 +372,18 @@ def _insert_impl(params, prefix, state, slots, max_new, temperature, top_p, top_
     pos = state.cache.pos.at[tgt].set(pos_rows, mode="drop")
     first_stop = jnp.any(prefix.first_token[:, None] == state.stop_ids[None, :], axis=-1)
     done = first_stop | (max_new <= 1)
+    # the prompt, then the first token at position true_length
+    hist_rows = jnp.zeros((slots.shape[0], M), jnp.int32).at[:, :T].set(prefix.tokens)
+    hist_rows = jnp.where(cols < prefix.true_length[:, None], hist_rows, 0)
+    hist_rows = hist_rows.at[jnp.arange(slots.shape[0]), prefix.true_length].set(
+        prefix.first_token, mode="drop")
+    history = state.history.at[tgt].set(hist_rows, mode="drop")
 
     def put(field, value):
         return field.at[tgt].set(value.astype(field.dtype), mode="drop")
 
     return state.replace(
-        cache=KVCache(k=k, v=v, pos=pos),
+        cache=KVCache(k=k, v=v, pos=pos), history=history,
         next_pos=put(state.next_pos, prefix.true_length),
         last_token=put(state.last_token, prefix.first_token),
         generated=put(state.generated, jnp.ones_like(slots)),
@@ -387,18 +408,127 @@ def _step(graphdef, params, state: DecodeState, keys, u, k_bound, filtered, max_
     generated = state.generated + live
     out_of_room = state.next_pos + 2 > max_len
     done = state.done | (live & (is_stop | (generated >= state.max_new) | out_of_room))
+    rows = jnp.arange(tok.shape[0])
+    history = state.history.at[rows, jnp.where(live, state.next_pos + 1, max_len)].set(
+        tok, mode="drop")
     new = state.replace(
-        cache=cache,
+        cache=cache, history=history,
         next_pos=jnp.where(live, state.next_pos + 1, state.next_pos),
         last_token=jnp.where(live, tok, state.last_token), generated=generated,
         done=done, stopped=state.stopped | (live & is_stop))
     return new, tok, lp, live
 
 
-def _generate_impl(graphdef, params, state, *, steps, k_bound, filtered, attend_len):
+def _lookup_draft(history: jax.Array, cur: jax.Array, draft: int, ngram: int) -> jax.Array:
+    """Prompt-lookup drafts int32[S, draft]: the tokens that followed the latest earlier
+    occurrence of each row's last ``n`` tokens (positions cur - n + 1 .. cur) in its own context
+    (prompt and generated tokens), for the longest n <= ``ngram`` that occurs; -1 where a row
+    has no occurrence (or the occurrence is followed by fewer tokens)."""
+    S, M = history.shape
+    j = jnp.arange(M)[None, :]  # candidate end of an earlier occurrence
+    best = jnp.full((S,), -1, jnp.int32)
+    found = jnp.zeros((S,), bool)
+    for n in range(ngram, 0, -1):
+        match = (j < cur[:, None]) & (j >= n - 1) & (cur[:, None] >= n - 1)
+        for k in range(n):
+            tail = jnp.take_along_axis(history, jnp.maximum(cur - k, 0)[:, None], axis=1)
+            match &= jnp.roll(history, k, axis=1) == tail  # history[j - k] == history[cur - k]
+        j_n = jnp.max(jnp.where(match, j, -1), axis=1).astype(jnp.int32)
+        best = jnp.where(found, best, j_n)
+        found |= j_n >= 0
+    at = best[:, None] + 1 + jnp.arange(draft)[None, :]
+    ok = found[:, None] & (at <= cur[:, None])  # only tokens already known
+    return jnp.where(ok, jnp.take_along_axis(history, jnp.minimum(at, M - 1), axis=1), -1)
+
+
+def _spec_step(graphdef, params, state: DecodeState, draft: int, ngram: int, k_bound: int,
+               filtered: bool, max_len: int):
+    """Up to ``draft + 1`` tokens per live slot from one forward (speculative decoding with a
+    prompt-lookup draft): the model reads the last token and the draft, each draft token is
+    accepted with probability p(token) under the sampling distribution (temperature, top-k,
+    top-p, min-p) at its position, and at the first rejection a token is drawn from p without
+    the rejected token (renormalised); when every draft token is accepted one more is drawn from
+    the next position. Each emitted token is then distributed exactly as in :func:`_step`
+    (the draft is a point mass: the residual of speculative sampling is p with that token
+    removed); temperature 0 accepts a draft token iff it is the argmax. Token g of a request
+    draws with fold_in(request key, g) (the acceptance uniform with fold_in(that key, 1)).
+    Returns (state, tokens int32[S, draft + 1], logprobs, valid bool[S, draft + 1])."""
+    model = nnx.merge(graphdef, params)
+    S = state.done.shape[0]
+    D = draft + 1
+    V = model.cfg.vocab_size
+    live = ~state.done
+    cur = state.next_pos
+    proposal = _lookup_draft(state.history, cur, draft, ngram)  # [S, draft]
+    feed = jnp.concatenate([state.last_token[:, None], jnp.maximum(proposal, 0)], axis=1)
+    positions = cur[:, None] + jnp.arange(D)[None, :]
+    logits, cache = model(feed, positions, live[:, None] & (positions < max_len),
+                          cache=state.cache, cache_index=cur)
+    logits = logits.astype(jnp.float32)  # [S, D, V]
+    greedy = state.temperature <= 0
+    t = jnp.where(greedy, 1.0, state.temperature)[:, None, None]
+    logp = jax.nn.log_softmax(logits / t, axis=-1)
+    probs = jnp.exp(logp)
+    if filtered:
+        rep = lambda x: jnp.repeat(x, D)  # noqa: E731  per-row params for every position
+        keep = truncation_mask(probs.reshape(S * D, V), rep(state.top_k), rep(state.top_p),
+                               rep(state.min_p)).reshape(S, D, V)
+        probs = jnp.where(keep, probs, 0.0)
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    top = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+    probs = jnp.where(greedy[:, None, None], top, probs)
+
+    g = state.generated[:, None] + jnp.arange(D)[None, :]  # index of each candidate token
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, 0))
+    keys = fold(state.keys, g)  # [S, D, 2]
+    u_draw = uniforms(keys)  # [S, D]: the draw of token g (as _step's inverse-CDF draw)
+    u_accept = uniforms(jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (0, None))(keys, 1))
+    p_draft = jnp.take_along_axis(probs[:, :draft], jnp.maximum(proposal, 0)[..., None],
+                                  axis=-1)[..., 0]
+    accept = (proposal >= 0) & (u_accept[:, :draft] < p_draft)
+    n_acc = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # leading accepts
+    final = jnp.take_along_axis(probs, n_acc[:, None, None], axis=1)[:, 0]  # [S, V]
+    rejected = jnp.take_along_axis(jnp.concatenate(
+        [proposal, jnp.full((S, 1), -1, proposal.dtype)], axis=1), n_acc[:, None], axis=1)[:, 0]
+    final = jnp.where(jnp.arange(V)[None, :] == rejected[:, None], 0.0, final)
+    u_final = jnp.take_along_axis(u_draw, n_acc[:, None], axis=1)[:, 0]
+    last = draw_inverse_cdf(None, final, u=u_final)
+    emitted = jnp.where(jnp.arange(D)[None, :] < n_acc[:, None],
+                        jnp.concatenate([proposal, jnp.zeros((S, 1), proposal.dtype)], axis=1),
+                        last[:, None])  # [S, D]: draft tokens, then the drawn one
+    lp = jnp.take_along_axis(logp, emitted[..., None], axis=-1)[..., 0]
+    # how many of the n_acc + 1 candidates are kept: up to the first stop token, the budget,
+    # and the room in the cache
+    idx = jnp.arange(D)[None, :]
+    is_stop = jnp.any(emitted[..., None] == state.stop_ids[None, None, :], axis=-1)
+    first_stop = jnp.min(jnp.where(is_stop & (idx <= n_acc[:, None]), idx, D), axis=1)
+    count = jnp.minimum(n_acc + 1, first_stop + 1)
+    count = jnp.minimum(count, state.max_new - state.generated)
+    count = jnp.minimum(count, max_len - 1 - cur)
+    count = jnp.where(live, jnp.maximum(count, 0), 0)
+    valid = idx < count[:, None]
+    stopped_now = live & (first_stop < count)
+    generated = state.generated + count
+    new_pos = cur + count
+    done = state.done | (live & (stopped_now | (generated >= state.max_new)
+                                 | (new_pos + 2 > max_len)))
+    rows = jnp.arange(S)[:, None]
+    history = state.history.at[rows, jnp.where(valid, cur[:, None] + 1 + idx, max_len)].set(
+        emitted, mode="drop")
+    last_tok = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    new = state.replace(
+        cache=cache, history=history, next_pos=new_pos,
+        last_token=jnp.where(count > 0, last_tok, state.last_token), generated=generated,
+        done=done, stopped=state.stopped | stopped_now)
+    return new, emitted, lp, valid
+
+
+def _generate_impl(graphdef, params, state, *, steps, k_bound, filtered, attend_len, draft=0,
+                   ngram=3):
     S, M = state.cache.pos.shape
-    buf = (jnp.zeros((S, steps), jnp.int32), jnp.zeros((S, steps), jnp.float32),
-           jnp.zeros((S, steps), bool))
+    width = steps * (draft + 1)  # tokens a slot may produce in this call
+    buf = (jnp.zeros((S, width), jnp.int32), jnp.zeros((S, width), jnp.float32),
+           jnp.zeros((S, width), bool))
     # The loop runs on a window of the first ``attend_len`` cache slots, cut once per call
     # and written back at the end: slicing inside the loop would copy the attended cache
     # of every layer at every step (on XLA:CPU more than the attention maths costs).
@@ -408,32 +538,46 @@ def _generate_impl(graphdef, params, state, *, steps, k_bound, filtered, attend_
             k=tuple(c[..., :attend_len] for c in full.k),
             v=tuple(c[:, :, :attend_len] for c in full.v), pos=full.pos[:, :attend_len]))
 
-    # Token g of a request is drawn with fold_in(request key, g); a slot live at step i of
-    # this call has generated g0 + i tokens. All keys (and uniforms) of the call at once:
-    # on XLA:CPU each PRNG evaluation is a small loop, costly per decode step.
-    offsets = jnp.arange(steps, dtype=state.generated.dtype)
-    fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, 0)), (None, 1), 1)
-    step_keys = fold(state.keys, state.generated[:, None] + offsets[None, :])  # [S, N, 2]
-    vocab = nnx.merge(graphdef, params).cfg.vocab_size
-    step_u = (uniforms(step_keys) if uses_uniforms(vocab, k_bound=k_bound, filtered=filtered)
-              else None)  # [S, N]
-
     def cond(carry):
-        i, st, _ = carry
+        i, st, _, _ = carry
         return (i < steps) & ~jnp.all(st.done)
 
-    def body(carry):
-        i, st, (toks, lps, valid) = carry
-        keys = jax.lax.dynamic_index_in_dim(step_keys, i, axis=1, keepdims=False)
-        u = (None if step_u is None else
-             jax.lax.dynamic_index_in_dim(step_u, i, axis=1, keepdims=False))
-        st, tok, lp, live = _step(graphdef, params, st, keys, u, k_bound, filtered, M)
-        toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
-        lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
-        valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
-        return i + 1, st, (toks, lps, valid)
+    if draft > 0:
+        def body(carry):
+            i, st, filled, (toks, lps, valid) = carry
+            st, tok, lp, ok = _spec_step(graphdef, params, st, draft, ngram, k_bound, filtered,
+                                         M)
+            # each slot's tokens go after the ones it already produced in this call
+            at = jnp.where(ok, filled[:, None] + jnp.arange(draft + 1)[None, :], width)
+            rows = jnp.arange(S)[:, None]
+            toks = toks.at[rows, at].set(tok, mode="drop")
+            lps = lps.at[rows, at].set(lp, mode="drop")
+            valid = valid.at[rows, at].set(True, mode="drop")
+            return i + 1, st, filled + jnp.sum(ok, axis=1), (toks, lps, valid)
+    else:
+        # Token g of a request is drawn with fold_in(request key, g); a slot live at step i of
+        # this call has generated g0 + i tokens. All keys (and uniforms) of the call at once:
+        # on XLA:CPU each PRNG evaluation is a small loop, costly per decode step.
+        offsets = jnp.arange(steps, dtype=state.generated.dtype)
+        fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, 0)), (None, 1), 1)
+        step_keys = fold(state.keys, state.generated[:, None] + offsets[None, :])  # [S, N, 2]
+        vocab = nnx.merge(graphdef, params).cfg.vocab_size
+        step_u = (uniforms(step_keys) if uses_uniforms(vocab, k_bound=k_bound, filtered=filtered)
+                  else None)  # [S, N]
 
-    _, state, (toks, lps, valid) = jax.lax.while_loop(cond, body, (0, state, buf))
+        def body(carry):
+            i, st, filled, (toks, lps, valid) = carry
+            keys = jax.lax.dynamic_index_in_dim(step_keys, i, axis=1, keepdims=False)
+            u = (None if step_u is None else
+                 jax.lax.dynamic_index_in_dim(step_u, i, axis=1, keepdims=False))
+            st, tok, lp, live = _step(graphdef, params, st, keys, u, k_bound, filtered, M)
+            toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+            lps = jax.lax.dynamic_update_slice(lps, lp[:, None], (0, i))
+            valid = jax.lax.dynamic_update_slice(valid, live[:, None], (0, i))
+            return i + 1, st, filled, (toks, lps, valid)
+
+    _, state, _, (toks, lps, valid) = jax.lax.while_loop(
+        cond, body, (0, state, jnp.zeros((S,), jnp.int32), buf))
     if state.cache is not full:
         put = lambda big, win: jax.lax.dynamic_update_slice(  # noqa: E731
             big, win, (0,) * big.ndim)

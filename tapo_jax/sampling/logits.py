@@ -106,7 +106,7 @@ def uniforms(keys: jax.Array) -> jax.Array:
     return u.reshape(keys.shape[:-1])
 
 
-def _draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64,
+def draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64,
                       u: jax.Array | None = None) -> jax.Array:
     """One index per row with probability proportional to ``weights`` f32[S, V] (>= 0), by
     inverting the cumulative distribution at one uniform draw per row. keys uint32[S, 2]
@@ -167,7 +167,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
         probs = jnp.exp(logp)
         if filtered:
             probs = jnp.where(truncation_mask(probs, top_k, top_p, min_p), probs, 0.0)
-        sampled = _draw_inverse_cdf(keys, probs, u=u)
+        sampled = draw_inverse_cdf(keys, probs, u=u)
     # argmax is a full pass over the vocabulary: only when some row is greedy
     greedy_rows = temperature <= 0
     tokens = jax.lax.cond(
