@@ -124,7 +124,8 @@ def _config(args: argparse.Namespace, algorithm: str, extra: list[str] | None = 
                  "train.progress=false", "train.export_hf=false"]
     if args.device == "gpu":
         overrides += ["model.dtype=bfloat16", "model.param_dtype=float32", "data.kind=arithmetic"]
-    return load_config(os.path.join(ROOT, recipe), overrides + (extra or []))
+    return load_config(os.path.join(ROOT, recipe),
+                       overrides + (extra or []) + list(getattr(args, "set", None) or []))
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +413,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
             warm_s = time.perf_counter() - t_warm
         records = [p.record() for p in problems[it * Q:(it + 1) * Q]]
         c0, s0, cpu0 = clock.seconds, dict(script.compile_s), time.process_time()
+        n0 = clock.count
         p0 = dict(script.parts)
         state, metrics, _ = rl_loop.rl_iteration(
             cfg, ctx, state=state, ref_params=ref, step=it, records=records,
@@ -424,6 +426,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
             metrics["compile/other"] = (metrics["compile/total"] - metrics["compile/sampling"]
                                         - metrics["compile/construction"])
             metrics["time/total_ex_compile"] = metrics["time/total"] - metrics["compile/total"]
+            metrics["compilations"] = clock.count - n0
             for k in script.parts:  # prefill seconds (compile included), prompt tokens
                 metrics[k] = script.parts[k] - p0[k]
             metrics["cpu_s/rest"] = metrics["cpu_s/total"] - sum(
@@ -438,6 +441,7 @@ def run_iteration(args: argparse.Namespace) -> dict:
     sampler = policy.sampler()
     out = dict(case="iteration", algorithm=args.algorithm, path=args.path, packing=args.packing,
                policy=args.init_from or "random (scripted rewards and constructions)",
+               overrides=list(args.set or []),
                device=jax.devices()[0].device_kind,
                preset=args.preset, queries=Q, samples_per_query=cfg.rl.num_samples,
                max_new_tokens=cfg.sampling.max_new_tokens,
@@ -448,6 +452,13 @@ def run_iteration(args: argparse.Namespace) -> dict:
     for k in ("sampling", "construction", "total"):
         out[f"time/{k}_ex_compile"] = mean(f"time/{k}_ex_compile")
     out["time/total_each"] = [round(m["time/total"], 3) for m in timed]
+    # iterations in which nothing compiled (tracing and lowering included, which the
+    # compile-seconds subtraction above misses): the steady state of a long run
+    steady = [m for m in timed if m["compilations"] == 0]
+    out["iters_without_compile"] = len(steady)
+    for k in ("sampling", "construction", "update", "total"):
+        out[f"time/{k}_steady"] = (round(statistics.fmean(m[f"time/{k}"] for m in steady), 4)
+                                   if steady else None)
     for k in ("total", "sampling", "construction", "reward", "rest"):
         out[f"cpu_s/{k}"] = mean(f"cpu_s/{k}")
     out.update({f"compile/{k}": mean(f"compile/{k}")
@@ -486,6 +497,8 @@ def _child(args: argparse.Namespace, case: str, algorithm: str) -> dict:
     for name in _FORWARD:
         if getattr(args, name) is not None:
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for kv in args.set or []:
+        cmd += ["--set", kv]
     env = dict(os.environ, JAX_PLATFORMS="cuda" if args.device == "gpu" else "cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -540,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run config both algorithms start from (rl.algorithm is set per run; "
                         "default configs/grpo.yaml and configs/tapo.yaml; with --init-from, "
                         "the config the policy was trained under, e.g. configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="iteration: a config override for both algorithms (repeatable), e.g. "
+                        "sampling.construction_draft_tokens=8")
     p.add_argument("--child", choices=("train_step", "iteration"), help=argparse.SUPPRESS)
     p.add_argument("--algorithm", choices=("grpo", "tapo"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -579,15 +595,18 @@ def main(argv: list[str] | None = None) -> int:
 def _print_median(case: str, ratios: list[dict]) -> None:
     """The median over rounds of every number in the rounds' ratio lines (and of the table)."""
     def med(values):
-        v = sorted(values)
+        v = sorted(x for x in values if x is not None)  # None: a round without the figure
+        if not v:
+            return None
         return v[len(v) // 2] if len(v) % 2 else round((v[len(v) // 2 - 1] + v[len(v) // 2]) / 2, 4)
 
     out = dict(case="ratio_median", of=case, rounds=len(ratios))
-    for k, v in ratios[0].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
-            out[k] = med([r[k] for r in ratios])
-            out[k + "_per_round"] = [r[k] for r in ratios]
-    for table in ("phase_seconds", "phase_cpu_seconds"):
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    for k in ratios[0]:
+        if k != "round" and any(numeric(r.get(k)) for r in ratios):
+            out[k] = med([r.get(k) for r in ratios])
+            out[k + "_per_round"] = [r.get(k) for r in ratios]
+    for table in ("phase_seconds", "phase_seconds_steady", "phase_cpu_seconds"):
         if table in ratios[0]:
             out[table] = {k: {a: med([r[table][k][a] for r in ratios]) for a in ("grpo", "tapo")}
                           for k in ratios[0][table]}
@@ -609,8 +628,11 @@ def _round(args: argparse.Namespace, case: str, r: int) -> dict:
                          t["ms_per_step_min"] / g["ms_per_step_min"], 3),
                      tapo_over_grpo_peak_rss=round(t["peak_rss_mb"] / g["peak_rss_mb"], 3))
     else:
+        steady = (t["time/total_steady"] / g["time/total_steady"]
+                  if t["time/total_steady"] and g["time/total_steady"] else None)
         ratio = dict(case="ratio", of="iteration",
                      overhead=round(t["time/total"] / g["time/total"], 3),
+                     overhead_steady=None if steady is None else round(steady, 3),
                      overhead_ex_compile=round(
                          t["time/total_ex_compile"] / g["time/total_ex_compile"], 3),
                      overhead_cpu_seconds=round(t["cpu_s/total"] / g["cpu_s/total"], 3),
@@ -626,6 +648,9 @@ def _round(args: argparse.Namespace, case: str, r: int) -> dict:
             k: {"grpo": g[f"time/{k}"], "tapo": t[f"time/{k}"]}
             for k in ("sampling_ex_compile", "construction_ex_compile", "reward",
                       "logprobs_old", "logprobs_ref", "update", "total_ex_compile")}
+        ratio["phase_seconds_steady"] = {  # iterations without any compilation
+            k: {"grpo": g[f"time/{k}_steady"], "tapo": t[f"time/{k}_steady"]}
+            for k in ("sampling", "construction", "update", "total")}
         ratio["phase_cpu_seconds"] = {  # process CPU seconds (all threads), compile included
             k: {"grpo": g[f"cpu_s/{k}"], "tapo": t[f"cpu_s/{k}"]}
             for k in ("sampling", "construction", "reward", "rest", "total")}

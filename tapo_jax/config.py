@@ -99,6 +99,10 @@ class SamplingConfig:
     # evaluation (docs/design.md, "Decisions")
     construction_temperature: Optional[float] = None
     construction_top_p: Optional[float] = None
+    # speculative decoding of the constructions with prompt-lookup drafts: up to this many
+    # tokens copied from the synthesis prompt (where a reconstruction repeats the wrong
+    # response) are verified per forward; the samples keep their distribution. 0 = off
+    construction_draft_tokens: int = 0
 
 
 @dataclass
@@ -572,6 +576,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(0 <= c.reference_slip_fraction <= 1, source, "cold_start.reference_slip_fraction",
              "must be in [0, 1]")
     s = cfg.sampling
+    _require(s.construction_draft_tokens >= 0, source, "sampling.construction_draft_tokens",
+             "must be >= 0")
     for key in ("construction_temperature", "construction_top_p"):
         v = getattr(s, key)
         _require(v is None or v >= 0, source, f"sampling.{key}", f"must be >= 0, got {v}")

@@ -115,7 +115,7 @@ def test_collect_tapo_rows(setup):
     # rollouts n=K for questions, then one batched n=1 call for the 6 synthesis prompts
     assert calls[0][:2] == (6, K) and calls[1][:2] == (6, 1)
     # constructions use the sampler's decoding unless the config sets their own
-    assert calls[1][3] == dict(temperature=None, top_p=None)
+    assert calls[1][3] == dict(temperature=None, top_p=None, draft_tokens=0)
     arrays, _ = build_batch_arrays(col.rows, num_queries=6, pad_id=tok.pad_token_id)
     n = len(col.rows)
     group_ids = jax.jit(assign_group_ids, static_argnames=("num_queries", "decoupled"))
@@ -196,8 +196,9 @@ def test_constructions_are_decoded_with_their_own_settings(setup):
     sample, calls = _script(tok, problems, {p.question: c for p, c in zip(problems, counts)})
     cfg = _cfg()
     cfg.sampling.construction_temperature, cfg.sampling.construction_top_p = 0.6, 0.9
+    cfg.sampling.construction_draft_tokens = 6
     encode = lambda prompts: encode_prompts(prompts, tok)  # noqa: E731
     rollout.collect([p.record() for p in problems], cfg=cfg, tokenizer=tok, step=0,
                     sample=sample, score=score, encode=encode)
     assert calls[0][3] == {}  # rollouts: the sampler's own temperature / top_p
-    assert calls[1][3] == dict(temperature=0.6, top_p=0.9)
+    assert calls[1][3] == dict(temperature=0.6, top_p=0.9, draft_tokens=6)

@@ -76,8 +76,9 @@ class Policy:
 
     def sample_fn(self, params: Any, *, temperature: Optional[float] = None,
                   top_p: Optional[float] = None):
-        """``(prompt_ids, n, max_new_tokens, seed, *, temperature=None, top_p=None) ->
-        list[list[Completion]]`` with ``params``; a call's temperature / top_p override these."""
+        """``(prompt_ids, n, max_new_tokens, seed, *, temperature=None, top_p=None,
+        draft_tokens=0) -> list[list[Completion]]`` with ``params``; a call's temperature /
+        top_p override these (``draft_tokens``: :meth:`Sampler.generate`)."""
         s = self.cfg.sampling
         created = self._sampler is None
         sampler = self.sampler(params)
@@ -86,7 +87,8 @@ class Policy:
         temp = s.temperature if temperature is None else temperature
         tp = s.top_p if top_p is None else top_p
 
-        def sample(prompt_ids, n, max_new_tokens, seed, *, temperature=None, top_p=None):
+        def sample(prompt_ids, n, max_new_tokens, seed, *, temperature=None, top_p=None,
+                   draft_tokens=0):
             # The sampler moves prompt ids and request keys to the devices itself (its own
             # boundary, measured by benchmarks/bench_sampler.py): allowed here by name, so the
             # transfer guard of the training tests covers the training side of the iteration.
@@ -94,7 +96,8 @@ class Policy:
                 ro = sampler.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens,
                                       temperature=temp if temperature is None else temperature,
                                       top_p=tp if top_p is None else top_p, top_k=s.top_k,
-                                      min_p=s.min_p, stop_ids=self.stop_ids, seed=seed)
+                                      min_p=s.min_p, stop_ids=self.stop_ids, seed=seed,
+                                      draft_tokens=draft_tokens)
             out = [[None] * n for _ in prompt_ids]
             for i in range(len(ro.prompt_index)):
                 toks = [int(t) for t in ro.tokens[i][: ro.lengths[i]]]

@@ -208,7 +208,8 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
         t0 = time.perf_counter()
         gens = sample(s_ids, 1, budget, _seed(cfg.train.seed, step, 1000),
                       temperature=cfg.sampling.construction_temperature,
-                      top_p=cfg.sampling.construction_top_p)
+                      top_p=cfg.sampling.construction_top_p,
+                      draft_tokens=cfg.sampling.construction_draft_tokens)
         out.sample_seconds["construction"] += time.perf_counter() - t0
         outs = [decode(tokenizer, g[0].tokens) for g in gens]
         parsed = [synthesis.parse_construction(o) for o in outs]
