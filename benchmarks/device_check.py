@@ -11,7 +11,6 @@ Run through ``benchmarks/device_check.sh``; peaks come from the device kind (ove
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 

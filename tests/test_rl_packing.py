@@ -5,7 +5,6 @@ different lengths, whole and in micro-batches; and the packing layout itself."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
