@@ -420,7 +420,8 @@ def test_packed_iteration_gives_the_unpacked_update(algorithm):
     (plain, m_plain), (packed, m_packed) = out[False], out[True]
     assert m_packed["batch/packed"] == 1.0 and m_plain["batch/packed"] == 0.0
     # packed: one [B, T] shape, the largest buckets (unpacked: the smallest that fit)
-    rows_b, len_b = assembly._buckets(cfg, policy.mesh, cfg.train.batch_size)
+    unpacked_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=False))
+    rows_b, len_b = assembly._buckets(unpacked_cfg, policy.mesh, cfg.train.batch_size)
     assert len(len_b) > 1
     assert (m_packed["batch/padded_rows"], m_packed["batch/length"]) == (rows_b[-1], len_b[-1])
     assert m_plain["batch/length"] < len_b[-1]
