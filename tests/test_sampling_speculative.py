@@ -14,7 +14,9 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from tapo_jax.config import MeshConfig
 from tapo_jax.models import load_hf
+from tapo_jax.models.sharding import make_mesh
 from tapo_jax.sampling import Sampler
 from tapo_jax.sampling.engine import _lookup_draft
 
@@ -24,10 +26,13 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [40, 2, 9, 11, 60, 7, 1], [3, 3, 3, 3
 MAX_LEN = 48
 
 
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
+            num_kv_heads=2, seed=5)
+
+
 @pytest.fixture(scope="module")
 def tiny(hf_checkpoint):
-    model = load_hf(hf_checkpoint(vocab_size=96, hidden_size=64, intermediate_size=112,
-                                  num_layers=2, num_heads=4, num_kv_heads=2, seed=5))
+    model = load_hf(hf_checkpoint(**TINY))
     graphdef, params = nnx.split(model, nnx.Param)
     return model, graphdef, params
 
@@ -78,6 +83,26 @@ def test_stops_budget_and_logprobs(tiny):
         np.testing.assert_allclose(ro.logprobs[r], teacher_forced_logprobs(model, prompt, toks,
                                                                            0.8), atol=2e-4)
     assert "stop" in ro.finish_reason
+
+
+def test_same_samples_for_any_slot_count_and_on_a_sharded_mesh(tiny, hf_checkpoint):
+    """Token g of a request draws with fold_in(request key, g) in speculative steps too: the
+    samples do not depend on the slot count, the chunk or the mesh."""
+    _, graphdef, params = tiny
+    kw = dict(n=2, max_new_tokens=16, temperature=0.8, top_p=0.9, seed=9, draft_tokens=3)
+    ref = Sampler(graphdef, params, num_slots=4, max_len=MAX_LEN, chunk=2).generate(PROMPTS, **kw)
+    runs = [Sampler(graphdef, params, num_slots=8, max_len=MAX_LEN, chunk=5).generate(PROMPTS,
+                                                                                     **kw)]
+    if len(jax.devices()) >= 8:
+        mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices=jax.devices()[:8])
+        m = load_hf(hf_checkpoint(**TINY), mesh=mesh)
+        g, p = nnx.split(m, nnx.Param)
+        runs.append(Sampler(g, p, mesh=mesh, num_slots=8, max_len=MAX_LEN, chunk=4).generate(
+            PROMPTS, **kw))
+    for other in runs:
+        for r in range(len(ref)):
+            assert other.tokens[r].tolist() == ref.tokens[r].tolist(), f"request {r}"
+            np.testing.assert_allclose(other.logprobs[r], ref.logprobs[r], atol=2e-5)
 
 
 def _exact_joint(model, prompt, temperature, top_p, n_tokens, vocab):
