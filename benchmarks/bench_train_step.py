@@ -256,10 +256,12 @@ def run_train_step(args: argparse.Namespace) -> dict:
 
 
 class _Script:
-    """Wraps the real sampler and verifier: every call is paid in full; only the rewards and the
-    text of constructions are replaced (see the module docstring)."""
+    """Wraps the real sampler and verifier with timers: every call is paid in full. ``scripted``:
+    the rewards and the text of constructions are replaced (see the module docstring); else
+    (``--init-from``: a trained policy) everything stands as generated and verified."""
 
-    def __init__(self, tokenizer, verifier, K: int, clock: _CompileClock):
+    def __init__(self, tokenizer, verifier, K: int, clock: _CompileClock, scripted: bool = True):
+        self.scripted = scripted
         self.tok = tokenizer
         self.verifier = verifier
         self.K = K
@@ -297,7 +299,7 @@ class _Script:
             if n == 1:
                 self.parts["construction/prompt_tokens"] += last.get("prompt_tokens", 0)
                 self.parts["construction/requests"] += last.get("requests", 0)
-            if n != 1:  # rollouts: kept as generated
+            if n != 1 or not self.scripted:  # rollouts (and unscripted runs): as generated
                 return groups
             out = []
             for (c,) in groups:  # constructions: the generated tokens, wrapped so they parse
@@ -312,8 +314,11 @@ class _Script:
         import numpy as np
 
         cpu = time.process_time()
-        _, reasons = self.verifier.score(texts, golds)  # paid, verdicts replaced below
+        verdicts = self.verifier.score(texts, golds)  # paid; replaced below when scripted
         self.parts["cpu_s/reward"] += time.process_time() - cpu
+        if not self.scripted:
+            return verdicts
+        _, reasons = verdicts
         i = np.arange(len(texts))
         if self.last_n == self.K:  # rollouts: 3 of K correct in even groups, 1 of K in odd ones
             g, k = i // self.K, i % self.K
@@ -321,36 +326,6 @@ class _Script:
         else:  # constructions: two of every three correct
             rew = i % 3 != 2
         return rew.astype(np.float32), reasons
-
-
-class _Unscripted(_Script):
-    """The same timers around the sampler, nothing replaced (``--init-from``: a trained policy
-    writes its own rollouts and constructions and the verifier's verdicts stand)."""
-
-    def __init__(self, clock: _CompileClock, K: int):
-        self.clock, self.K, self.last_n, self.sampler = clock, K, 0, None
-        self.compile_s = {"sampling": 0.0, "construction": 0.0}
-        self.parts = {k: 0.0 for k in ("sampling/prefill_s", "construction/prefill_s",
-                                       "construction/prompt_tokens", "construction/requests",
-                                       "cpu_s/sampling", "cpu_s/construction", "cpu_s/reward")}
-        self.drop = None
-
-    def sample_fn(self, inner, sampler):
-        def sample(prompt_ids, n, max_new_tokens, seed, **kw):
-            self.sampler, self.last_n = sampler, n
-            before, cpu = self.clock.seconds, time.process_time()
-            groups = inner(prompt_ids, n, max_new_tokens, seed, **kw)
-            kind = "construction" if n == 1 else "sampling"
-            self.parts[f"cpu_s/{kind}"] += time.process_time() - cpu
-            self.compile_s[kind] += self.clock.seconds - before
-            last = sampler.last_stats or {}
-            self.parts[f"{kind}/prefill_s"] += last.get("prefill_s", 0.0)
-            if n == 1:
-                self.parts["construction/prompt_tokens"] += last.get("prompt_tokens", 0)
-                self.parts["construction/requests"] += last.get("requests", 0)
-            return groups
-
-        return sample
 
 
 def run_iteration(args: argparse.Namespace) -> dict:
@@ -374,8 +349,8 @@ def run_iteration(args: argparse.Namespace) -> dict:
     problems = make_splits(cfg.data, cfg.train.seed)[0]
     Q = cfg.train.batch_size
     verifier = Verifier()
-    script = None if args.init_from else _Script(policy.tokenizer, verifier, cfg.rl.num_samples,
-                                                  clock)
+    script = _Script(policy.tokenizer, verifier, cfg.rl.num_samples, clock,
+                     scripted=not args.init_from)
     tx = make_optimizer(*optim_config_for(cfg, "rl"))
     params = policy.params
     if args.init_from:  # a trained policy: its own rollouts, rewards and constructions
@@ -388,20 +363,10 @@ def run_iteration(args: argparse.Namespace) -> dict:
     ref = rl_loop.copy_params(state.params)
     fns = rl_loop.build_device_fns(cfg, policy.graphdef, policy.mesh,
                                    old_from_update=False if full else None)
-    if script is None:
-        script = _Unscripted(clock, cfg.rl.num_samples)
-
-        def score(texts, golds):
-            cpu = time.process_time()
-            out = verifier.score(texts, golds)
-            script.parts["cpu_s/reward"] += time.process_time() - cpu
-            return out
-    else:
-        score = script.score
     ctx = rl_loop.LoopContext(
         graphdef=policy.graphdef, mesh=policy.mesh, tokenizer=policy.tokenizer,
         sample_fn=lambda params: script.sample_fn(policy.sample_fn(params), policy.sampler()),
-        encode=policy.encode, score=score, reward_stats=lambda: {})
+        encode=policy.encode, score=script.score, reward_stats=lambda: {})
 
     phases = ("sampling", "construction", "reward", "logprobs", "logprobs_old", "logprobs_ref",
               "update", "total")

@@ -39,6 +39,8 @@ def write(tmp_path):
     ("mesh:\n  data: -1\n  fsdp: -1\n", "mesh"),
     ("model:\n  head_dim: 15\n", "model.head_dim"),
     ("eval:\n  num_samples: 2\n  k_max: 5\n", "eval.num_samples"),
+    ("cold_start:\n  num_problems: -1\n", "cold_start.num_problems"),
+    ("sampling:\n  construction_draft_tokens: -2\n", "sampling.construction_draft_tokens"),
 ])
 def test_bad_value_names_key_and_file(write, text, key):
     path = write(text)

@@ -70,6 +70,20 @@ def test_splits_are_deterministic_and_disjoint():
     assert len(q_tr) == 300 and len(q_ev) == 50 and not q_tr & q_ev
 
 
+def test_cold_start_problems_are_their_own_and_never_evaluation_ones():
+    cfg = DataConfig(num_train=300, num_eval=50)
+    tr, ev = A.make_splits(cfg, seed=3)
+    cold = A.cold_start_problems(cfg, 3, 400)
+    q_cold = [p.question for p in cold]
+    assert q_cold == [p.question for p in A.cold_start_problems(cfg, 3, 400)]
+    assert len(set(q_cold)) == 400
+    assert not set(q_cold) & {p.question for p in ev}
+    assert q_cold[:300] != [p.question for p in tr]  # another stream than the RL problems
+    small = DataConfig(num_train=10, num_eval=50, min_steps=1, max_steps=1, operand_max=12)
+    with pytest.raises(ValueError, match="distinct problems"):  # more than the space holds
+        A.cold_start_problems(small, 3, 400)
+
+
 def test_too_small_problem_space_raises():
     with pytest.raises(ValueError, match="distinct problems"):
         A.generate_problems(100, seed=0, min_steps=1, max_steps=1, operand_min=1, operand_max=2,

@@ -187,14 +187,22 @@ def generate_problems(n: int, *, seed: int, stream: int = 0, prefix: str = "arit
     return out
 
 
+def _knobs(data_cfg: Any) -> dict[str, Any]:
+    return dict(min_steps=data_cfg.min_steps, max_steps=data_cfg.max_steps,
+                operand_min=data_cfg.operand_min, operand_max=data_cfg.operand_max,
+                operators=data_cfg.operators)
+
+
+def _eval_problems(data_cfg: Any, seed: int) -> list[Problem]:
+    return generate_problems(data_cfg.num_eval, seed=seed, stream=1, prefix="eval",
+                             **_knobs(data_cfg))
+
+
 def make_splits(data_cfg: Any, seed: int) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problems of a ``DataConfig`` with ``kind = arithmetic``; disjoint questions."""
-    knobs = dict(min_steps=data_cfg.min_steps, max_steps=data_cfg.max_steps,
-                 operand_min=data_cfg.operand_min, operand_max=data_cfg.operand_max,
-                 operators=data_cfg.operators)
-    ev = generate_problems(data_cfg.num_eval, seed=seed, stream=1, prefix="eval", **knobs)
+    ev = _eval_problems(data_cfg, seed)
     tr = generate_problems(data_cfg.num_train, seed=seed, stream=0, prefix="train",
-                           exclude=frozenset(p.question for p in ev), **knobs)
+                           exclude=frozenset(p.question for p in ev), **_knobs(data_cfg))
     return tr, ev
 
 
@@ -202,12 +210,9 @@ def cold_start_problems(data_cfg: Any, seed: int, n: int) -> list[Problem]:
     """``n`` problems for the cold start (``cold_start.num_problems``): their own stream of the
     generator, disjoint from the evaluation problems of ``make_splits`` (they may share questions
     with the RL training problems, which are training data as well)."""
-    knobs = dict(min_steps=data_cfg.min_steps, max_steps=data_cfg.max_steps,
-                 operand_min=data_cfg.operand_min, operand_max=data_cfg.operand_max,
-                 operators=data_cfg.operators)
-    ev = generate_problems(data_cfg.num_eval, seed=seed, stream=1, prefix="eval", **knobs)
+    ev = _eval_problems(data_cfg, seed)
     return generate_problems(n, seed=seed, stream=2, prefix="cold",
-                             exclude=frozenset(p.question for p in ev), **knobs)
+                             exclude=frozenset(p.question for p in ev), **_knobs(data_cfg))
 
 
 # --------------------------------------------------------------------------------------------

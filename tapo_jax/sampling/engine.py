@@ -57,8 +57,11 @@ class DecodeState:
     top_k: jax.Array  # int32[S]
     min_p: jax.Array  # float32[S]
     stop_ids: jax.Array  # int32[E]   stop tokens (-1 = unused entry)
-    history: jax.Array  # int32[S, M] token at each position (prompt, then generated): the
-    #                     context that prompt-lookup drafts are copied from
+    history: jax.Array  # int32[S, M] token at each position (the prompt, written by insert,
+    #                     then what speculative steps generate): the context that prompt-lookup
+    #                     drafts are copied from. One-token steps leave it as it is (they never
+    #                     read it, and any draft keeps the samples exact: a stale one is only
+    #                     rejected more often)
 
 
 @flax.struct.dataclass
@@ -408,11 +411,8 @@ def _step(graphdef, params, state: DecodeState, keys, u, k_bound, filtered, max_
     generated = state.generated + live
     out_of_room = state.next_pos + 2 > max_len
     done = state.done | (live & (is_stop | (generated >= state.max_new) | out_of_room))
-    rows = jnp.arange(tok.shape[0])
-    history = state.history.at[rows, jnp.where(live, state.next_pos + 1, max_len)].set(
-        tok, mode="drop")
     new = state.replace(
-        cache=cache, history=history,
+        cache=cache,
         next_pos=jnp.where(live, state.next_pos + 1, state.next_pos),
         last_token=jnp.where(live, tok, state.last_token), generated=generated,
         done=done, stopped=state.stopped | (live & is_stop))

@@ -55,7 +55,7 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
         style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode,
         reference_slip_fraction=cs.reference_slip_fraction)
     return sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
-                                   chat=cfg.data.chat_template)
+                                        chat=cfg.data.chat_template)
 
 
 def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokenizer: Any,
