@@ -43,6 +43,8 @@ DIAGNOSTICS = (
     ("success_rate", "diag/success_rate"),
     ("verbatim_prefix", "diag/verbatim_prefix_rate"),
     ("recovery", "diag/recovery_rate"),
+    ("reflect_early", "diag/reflect_early_rate"),
+    ("reflect_late", "diag/reflect_late_rate"),
     ("ref_nonzero_adv", "diag/ref_nonzero_adv_share"),
     ("ref_adv_mean", "diag/ref_adv_mean"),
     ("ots_prefix", "diag/ots_prefix_mean"),

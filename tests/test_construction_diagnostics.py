@@ -23,33 +23,38 @@ Q = "Compute 10 + 5 - 3."
 WRONG = "10 + 5 = 16\n16 - 3 = 13\n\\boxed{13}"
 
 
-@pytest.mark.parametrize("recon, reflects, verbatim, recovered", [
+@pytest.mark.parametrize("recon, reflects, verbatim, recovered, placement", [
     # micro-reflective: the wrong line kept, a reflection, the correct rest
-    ("10 + 5 = 16\nWait, 10 + 5 = 15, not 16.\n15 - 3 = 12\n\\boxed{12}", True, True, True),
+    ("10 + 5 = 16\nWait, 10 + 5 = 15, not 16.\n15 - 3 = 12\n\\boxed{12}", True, True, True,
+     "at_error"),
     # the wrong step rewritten before the reflection: not verbatim (still recovers)
-    ("10 + 5 = 17\nWait, 10 + 5 = 15, not 17.\n15 - 3 = 12\n\\boxed{12}", True, False, True),
+    ("10 + 5 = 17\nWait, 10 + 5 = 15, not 17.\n15 - 3 = 12\n\\boxed{12}", True, False, True,
+     "at_error"),
     # copies past the first error: not the prefix up to and including it
     ("10 + 5 = 16\n16 - 3 = 13\nWait, 10 + 5 = 15.\n15 - 3 = 12\n\\boxed{12}", True, False,
-     True),
+     True, "late"),
     # no prefix, the answer copied after a vague reflection: neither
-    ("Wait, the answer is 12.\n\\boxed{12}", True, False, False),
+    ("Wait, the answer is 12.\n\\boxed{12}", True, False, False, "early"),
     # verbatim prefix, but the reflection restates the wrong step: no recovery
-    ("10 + 5 = 16\nWait, 10 + 5 = 16.\n16 - 3 = 13\n\\boxed{13}", True, True, False),
+    ("10 + 5 = 16\nWait, 10 + 5 = 16.\n16 - 3 = 13\n\\boxed{13}", True, True, False,
+     "at_error"),
     # no reflection at all
-    ("10 + 5 = 15\n15 - 3 = 12\n\\boxed{12}", False, False, False),
+    ("10 + 5 = 15\n15 - 3 = 12\n\\boxed{12}", False, False, False, "none"),
 ])
-def test_oracle_on_hand_written_reconstructions(recon, reflects, verbatim, recovered):
+def test_oracle_on_hand_written_reconstructions(recon, reflects, verbatim, recovered, placement):
     c = D.check_construction(Q, WRONG, recon, 1.0)
-    assert (c.reflects, c.verbatim_prefix, c.recovered) == (reflects, verbatim, recovered)
+    assert (c.reflects, c.verbatim_prefix, c.recovered, c.placement) == (
+        reflects, verbatim, recovered, placement)
 
 
 def test_construction_report_rates():
     C = D.ConstructionCheck
-    checks = [C(True, True, True, True), C(True, False, True, True), C(True, True, False, False),
-              C(False, False, False, False)]
+    checks = [C(True, True, True, True, "at_error"), C(True, False, True, True, "late"),
+              C(True, True, False, False, "at_error"), C(False, False, False, False, "none")]
     r = D.construction_report(8, 4, checks)
     assert r == {"parse_rate": 0.5, "success_rate": 0.5, "verbatim_prefix_rate": 0.5,
-                 "recovery_rate": 0.5, "reflect_rate": 0.75}
+                 "recovery_rate": 0.5, "reflect_rate": 0.75, "reflect_early_rate": 0.0,
+                 "reflect_late_rate": 0.25}
     assert D.construction_report(0, 0, []) == {}
 
 

@@ -5,7 +5,8 @@ Per iteration (host side, NumPy, no model):
 - construction level (:func:`construction_report`): parse rate, success rate, and, with the
   arithmetic task's oracle, the verbatim-prefix rate (the reconstruction's lines before its
   reflection equal the wrong response's lines up to and including its first error) and the
-  reflection-then-recovery rate (:func:`tapo_jax.data.arithmetic.trace_response`);
+  reflection-then-recovery rate (:func:`tapo_jax.data.arithmetic.trace_response`), and where
+  the reflection stands against the first error (right after it, early, late);
 - token regions of a reconstruction (:func:`reflection_regions`): the completion tokens of the
   prefix, of the reflection line and of the continuation, used to mask the prefix out of the
   loss (``rl.ref_loss_from_reflection``) and to split the OTS statistics;
@@ -25,6 +26,7 @@ from tapo_jax.data.arithmetic import first_error_step, trace_response
 
 __all__ = [
     "ConstructionCheck",
+    "PLACEMENTS",
     "REGIONS",
     "advantage_report",
     "check_construction",
@@ -51,12 +53,19 @@ def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.strip().split("\n") if ln.strip()]
 
 
+PLACEMENTS = ("at_error", "early", "late", "none")
+
+
 @dataclass(frozen=True)
 class ConstructionCheck:
     reflects: bool  # a reflection line is present
     verbatim_prefix: bool  # lines before it == wrong response's lines[: first error + 1]
     recovered: bool  # the oracle's reflection-then-recovery
     correct: bool  # reward > 0
+    # where the reflection line stands: right after the wrong response's first error line
+    # ("at_error"), before it ("early"), after it ("late"), or "none" (no reflection, or a wrong
+    # response without an error the oracle can locate)
+    placement: str = "none"
 
 
 def check_construction(question: str, wrong: str, reconstruction: str, reward: float
@@ -64,14 +73,15 @@ def check_construction(question: str, wrong: str, reconstruction: str, reward: f
     """The oracle's view of one arithmetic reconstruction (see the module docstring)."""
     rec = _lines(reconstruction)
     k = reflection_line_index(rec)
-    verbatim = False
+    verbatim, placement = False, "none"
     if k is not None:
         err = first_error_step(question, wrong)
         w = _lines(wrong)
         if err is not None and err < len(w):
             verbatim = rec[:k] == w[:err + 1]
+            placement = "at_error" if k == err + 1 else ("early" if k < err + 1 else "late")
     recovered = trace_response(question, reconstruction).recovered
-    return ConstructionCheck(k is not None, verbatim, recovered, reward > 0)
+    return ConstructionCheck(k is not None, verbatim, recovered, reward > 0, placement)
 
 
 def construction_report(attempted: int, parsed: int, checks: Sequence[ConstructionCheck]
@@ -81,7 +91,10 @@ def construction_report(attempted: int, parsed: int, checks: Sequence[Constructi
 
     - ``parse_rate`` = parsed / attempted;
     - ``success_rate`` = correct / parsed (the reward contrast inside reflection groups);
-    - ``verbatim_prefix_rate``, ``recovery_rate``, ``reflect_rate``: over parsed constructions.
+    - ``verbatim_prefix_rate``, ``recovery_rate``, ``reflect_rate``: over parsed constructions;
+    - ``reflect_early_rate``, ``reflect_late_rate``: the reflection line stands before / after
+      the line right after the wrong response's first error (over parsed constructions; with
+      ``verbatim_prefix_rate`` they tell a misplaced reflection from a corrupted copy).
     Rates with a zero denominator are left out (undefined, not 0)."""
     out: dict[str, float] = {}
     if attempted:
@@ -92,6 +105,8 @@ def construction_report(attempted: int, parsed: int, checks: Sequence[Constructi
         out["verbatim_prefix_rate"] = sum(c.verbatim_prefix for c in checks) / n
         out["recovery_rate"] = sum(c.recovered for c in checks) / n
         out["reflect_rate"] = sum(c.reflects for c in checks) / n
+        out["reflect_early_rate"] = sum(c.placement == "early" for c in checks) / n
+        out["reflect_late_rate"] = sum(c.placement == "late" for c in checks) / n
     return out
 
 
