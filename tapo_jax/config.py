@@ -133,8 +133,9 @@ class RLConfig:
     decoupled: bool = True
     negatives: bool = True
     construction: Literal["micro", "full", "rule"] = "micro"
-    # synthesis prompt wording: auto = compact for data.kind=arithmetic, natural otherwise
-    synthesis_template: Literal["auto", "compact", "natural"] = "auto"
+    # synthesis prompt wording: auto = compact for data.kind=arithmetic, natural otherwise;
+    # aligned = compact with y- and y+ side by side, line by line
+    synthesis_template: Literal["auto", "compact", "natural", "aligned"] = "auto"
     sft_only: bool = False
     ref_group_includes_originals: bool = False
     # train a reconstruction only from its reflection line on; the erroneous prefix it copies

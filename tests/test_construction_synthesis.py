@@ -84,6 +84,21 @@ def test_prompt_templates_fill_slots_and_keep_braces():
         S.build_synthesis_prompt(Q, WRONG, REF, mode="rule")
     assert S.resolve_style("auto", "arithmetic") == "compact"
     assert S.resolve_style("auto", "file") == "natural"
+    assert S.resolve_style("aligned", "arithmetic") == "aligned"
+    with pytest.raises(ValueError, match="aligned"):
+        S.resolve_style("sideways", "arithmetic")
+
+
+def test_aligned_template_puts_line_i_of_each_solution_on_line_i():
+    wrong = "2 + 8 = 11\n\n11 - 10 = 1\n\\boxed{1}"
+    ref = "2 + 8 = 10\n10 - 10 = 0\n10 - 0 = 10\n\\boxed{10}"
+    p = S.build_synthesis_prompt("Compute 2 + 8 - 10 - 0.", wrong, ref, style="aligned")
+    assert p == ("Fix\nQ: Compute 2 + 8 - 10 - 0.\n"
+                 "2 + 8 = 11 | 2 + 8 = 10\n11 - 10 = 1 | 10 - 10 = 0\n"
+                 "\\boxed{1} | 10 - 0 = 10\n| \\boxed{10}")
+    assert S.build_synthesis_prompt("Q", wrong, ref, style="aligned", mode="full").startswith(
+        "Redo\nQ: Q\n2 + 8 = 11 | 2 + 8 = 10\n")
+    assert S.align_lines("a\nb", "a") == "a | a\nb |"
 
 
 def test_rule_constructor_splices_prefix_reflection_and_reference():

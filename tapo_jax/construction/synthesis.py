@@ -10,9 +10,11 @@ correct reference y+, and writes
 
 The reconstruction becomes y_ref, trained as a response to the original prompt x.
 
-Templates come in two styles: ``natural`` (full instructions, for real models) and ``compact``
+Templates come in three styles: ``natural`` (full instructions, for real models), ``compact``
 (a few short tags, for the tiny model of the embedded task, which learns the format during the
-cold start). Mode ``micro`` asks for the prefix-preserving reconstruction; mode ``full`` (ablation)
+cold start) and ``aligned`` (compact, with y- and y+ side by side, line i of each on line i of
+the prompt as ``wrong | reference``, so that the first differing line is found by comparing
+within a line rather than across two blocks). Mode ``micro`` asks for the prefix-preserving reconstruction; mode ``full`` (ablation)
 asks for a complete corrected solution with no prefix. ``construction = rule`` builds y_ref with
 no model call (:func:`rule_construct`).
 """
@@ -28,7 +30,9 @@ __all__ = [
     "PARSE_REASONS",
     "ParsedConstruction",
     "PrefixCheck",
+    "STYLES",
     "TEMPLATES",
+    "align_lines",
     "build_synthesis_prompt",
     "count_reasons",
     "format_construction",
@@ -72,18 +76,31 @@ TEMPLATES: dict[tuple[str, str], str] = {
     ("natural", "full"): _NATURAL_FULL,
     ("compact", "micro"): "Fix\nQ: {question}\nWrong:\n{incorrect}\nRef:\n{reference}",
     ("compact", "full"): "Redo\nQ: {question}\nWrong:\n{incorrect}\nRef:\n{reference}",
+    ("aligned", "micro"): "Fix\nQ: {question}\n{aligned}",
+    ("aligned", "full"): "Redo\nQ: {question}\n{aligned}",
 }
-_SLOT = re.compile(r"\{(question|incorrect|reference)\}")
+STYLES = ("compact", "natural", "aligned")
+_SLOT = re.compile(r"\{(question|incorrect|reference|aligned)\}")
 
 
 def resolve_style(style: str, data_kind: str) -> str:
     """``auto`` -> ``compact`` for the embedded arithmetic task, ``natural`` otherwise."""
     if style == "auto":
         return "compact" if data_kind == "arithmetic" else "natural"
-    if style not in ("compact", "natural"):
+    if style not in STYLES:
         raise ValueError(
-            f"synthesis template style must be auto, compact or natural, got {style!r}")
+            f"synthesis template style must be auto, {', '.join(STYLES)}; got {style!r}")
     return style
+
+
+def align_lines(incorrect: str, reference: str, sep: str = " | ") -> str:
+    """The two solutions side by side: line i is ``incorrect line i | reference line i`` (blank
+    lines dropped; the shorter side is left empty)."""
+    a = [ln.strip() for ln in incorrect.strip().split("\n") if ln.strip()]
+    b = [ln.strip() for ln in reference.strip().split("\n") if ln.strip()]
+    rows = [(a[i] if i < len(a) else "", b[i] if i < len(b) else "")
+            for i in range(max(len(a), len(b)))]
+    return "\n".join(f"{x}{sep}{y}".strip() for x, y in rows)
 
 
 def build_synthesis_prompt(question: str, incorrect: str, reference: str, *,
@@ -91,14 +108,15 @@ def build_synthesis_prompt(question: str, incorrect: str, reference: str, *,
                            template: str | None = None) -> str:
     """The synthesis prompt text (before the chat template). ``mode``: micro | full (``rule``
     has no prompt). ``template`` overrides the built-in one; it may use the slots
-    ``{question}``, ``{incorrect}``, ``{reference}`` (other braces are kept as written)."""
+    ``{question}``, ``{incorrect}``, ``{reference}`` and ``{aligned}`` (:func:`align_lines`;
+    other braces are kept as written)."""
     if template is None:
         if (style, mode) not in TEMPLATES:
             raise ValueError(f"no synthesis template for style={style!r}, mode={mode!r}; "
                              f"known: {sorted(TEMPLATES)}")
         template = TEMPLATES[(style, mode)]
     values = {"question": question.strip(), "incorrect": incorrect.strip(),
-              "reference": reference.strip()}
+              "reference": reference.strip(), "aligned": align_lines(incorrect, reference)}
     return _SLOT.sub(lambda m: values[m.group(1)], template)
 
 
