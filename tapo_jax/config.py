@@ -193,6 +193,10 @@ class DataConfig:
     operand_min: int = 1
     operand_max: int = 50
     operators: str = "+-"
+    # seed of the arithmetic task's evaluation problems; None: the run's seed (train.seed). A
+    # fixed value gives every seed of a study the same held-out problems, so that seed-to-seed
+    # differences are the models' own, not the problem sets'
+    eval_seed: Optional[int] = None
 
 
 @dataclass

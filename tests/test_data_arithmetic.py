@@ -70,6 +70,18 @@ def test_splits_are_deterministic_and_disjoint():
     assert len(q_tr) == 300 and len(q_ev) == 50 and not q_tr & q_ev
 
 
+def test_fixed_eval_seed_shares_held_out_problems_across_run_seeds():
+    cfg = DataConfig(num_train=300, num_eval=50, eval_seed=11)
+    tr3, ev3 = A.make_splits(cfg, seed=3)
+    tr4, ev4 = A.make_splits(cfg, seed=4)
+    assert [p.question for p in ev3] == [p.question for p in ev4]
+    assert ev3 == A.make_splits(DataConfig(num_train=300, num_eval=50), seed=11)[1]
+    assert [p.question for p in tr3] != [p.question for p in tr4]  # training stays per seed
+    held_out = {p.question for p in ev3}
+    for tr in (tr3, tr4, A.cold_start_problems(cfg, 4, 400)):  # never trained on
+        assert not {p.question for p in tr} & held_out
+
+
 def test_cold_start_problems_are_their_own_and_never_evaluation_ones():
     cfg = DataConfig(num_train=300, num_eval=50)
     tr, ev = A.make_splits(cfg, seed=3)

@@ -194,8 +194,10 @@ def _knobs(data_cfg: Any) -> dict[str, Any]:
 
 
 def _eval_problems(data_cfg: Any, seed: int) -> list[Problem]:
-    return generate_problems(data_cfg.num_eval, seed=seed, stream=1, prefix="eval",
-                             **_knobs(data_cfg))
+    """The held-out problems: seeded by ``data.eval_seed`` when set, else by the run's seed."""
+    eval_seed = getattr(data_cfg, "eval_seed", None)
+    return generate_problems(data_cfg.num_eval, seed=seed if eval_seed is None else eval_seed,
+                             stream=1, prefix="eval", **_knobs(data_cfg))
 
 
 def make_splits(data_cfg: Any, seed: int) -> tuple[list[Problem], list[Problem]]:
