@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     examples: dict[str, list] = collections.defaultdict(list)
     for (q, w, r), o, c in zip(pairs, outs, parsed):
         err = A.first_error_step(q.question, w)
-        wl, rl_ = D._lines(w), D._lines(r)
-        d = 0
-        while d < min(len(wl), len(rl_)) and wl[d] == rl_[d]:
-            d += 1
-        diverge_at_error += d == err
+        diverge_at_error += D.reference_clean_to_error(q.question, w, r)
         if not c.ok:
             key = "unparsed"
         else:

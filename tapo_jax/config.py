@@ -559,6 +559,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(d.operand_min <= d.operand_max, source, "data.operand_min", "must be <= operand_max")
     _require(d.operators != "" and set(d.operators) <= set("+-*"), source, "data.operators",
              f"must be a non-empty subset of '+-*', got {d.operators!r}")
+    _require(d.eval_seed is None or d.eval_seed >= 0, source, "data.eval_seed",
+             f"must be >= 0 or null, got {d.eval_seed}")
     t = cfg.train
     _require(t.steps >= 0, source, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, source, "train.batch_size", "must be >= 1")

@@ -62,6 +62,7 @@ def test_heads_need_not_divide_hidden_with_explicit_head_dim(write):
     ("rl.n_pos=9", "rl.n_pos"),
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("model.preset=nope", "model.preset"),
+    ("data.eval_seed=-1", "data.eval_seed"),
 ])
 def test_bad_override_names_key(write, override, key):
     path = write("model:\n  preset: tiny\n")

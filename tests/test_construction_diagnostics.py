@@ -47,6 +47,19 @@ def test_oracle_on_hand_written_reconstructions(recon, reflects, verbatim, recov
         reflects, verbatim, recovered, placement)
 
 
+@pytest.mark.parametrize("reference, clean", [
+    ("10 + 5 = 15\n15 - 3 = 12\n\\boxed{12}", True),  # first difference = y-'s error line
+    ("10 + 5 = 14\n14 - 2 = 12\n\\boxed{12}", True),  # differs there too (slip of its own later)
+    ("10 + 5 = 16\n16 - 4 = 12\n\\boxed{12}", False),  # agrees on y-'s error, differs after
+    ("10 + 5 = 16\n16 - 3 = 13\n\\boxed{13}", False),  # never differs
+])
+def test_reference_clean_to_error(reference, clean):
+    assert D.reference_clean_to_error(Q, WRONG, reference) is clean
+    # a "wrong" response the oracle finds no error in has no error to be clean up to
+    assert not D.reference_clean_to_error(Q, "10 + 5 = 15\n15 - 3 = 12\n\\boxed{12}",
+                                          reference)
+
+
 def test_construction_report_rates():
     C = D.ConstructionCheck
     checks = [C(True, True, True, True, "at_error"), C(True, False, True, True, "late"),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tapo_jax.construction.synthesis import solution_lines
 from tapo_jax.data.arithmetic import first_error_step, trace_response
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "check_construction",
     "construction_report",
     "ots_region_report",
+    "reference_clean_to_error",
     "reflection_line_index",
     "reflection_regions",
     "region_masks",
@@ -47,10 +49,6 @@ def reflection_line_index(lines: Sequence[str]) -> int | None:
         if ln.strip().startswith("Wait"):
             return i
     return None
-
-
-def _lines(text: str) -> list[str]:
-    return [ln.strip() for ln in text.strip().split("\n") if ln.strip()]
 
 
 PLACEMENTS = ("at_error", "early", "late", "none")
@@ -71,17 +69,30 @@ class ConstructionCheck:
 def check_construction(question: str, wrong: str, reconstruction: str, reward: float
                        ) -> ConstructionCheck:
     """The oracle's view of one arithmetic reconstruction (see the module docstring)."""
-    rec = _lines(reconstruction)
+    rec = solution_lines(reconstruction)
     k = reflection_line_index(rec)
     verbatim, placement = False, "none"
     if k is not None:
         err = first_error_step(question, wrong)
-        w = _lines(wrong)
+        w = solution_lines(wrong)
         if err is not None and err < len(w):
             verbatim = rec[:k] == w[:err + 1]
             placement = "at_error" if k == err + 1 else ("early" if k < err + 1 else "late")
     recovered = trace_response(question, reconstruction).recovered
     return ConstructionCheck(k is not None, verbatim, recovered, reward > 0, placement)
+
+
+def reference_clean_to_error(question: str, wrong: str, reference: str) -> bool:
+    """Whether the first line where ``wrong`` and ``reference`` differ is ``wrong``'s first error
+    (task oracle): then copying y- up to that difference (the ``rule`` constructor) keeps it
+    verbatim up to its error. False when the reference differs earlier (a cancelled slip of its
+    own) or later, or when the oracle finds no error in ``wrong``."""
+    w, r = solution_lines(wrong), solution_lines(reference)
+    d = 0
+    while d < min(len(w), len(r)) and w[d] == r[d]:
+        d += 1
+    err = first_error_step(question, wrong)
+    return err is not None and d == err
 
 
 def construction_report(attempted: int, parsed: int, checks: Sequence[ConstructionCheck]

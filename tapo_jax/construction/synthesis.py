@@ -41,6 +41,7 @@ __all__ = [
     "prefix_check",
     "resolve_style",
     "rule_construct",
+    "solution_lines",
 ]
 
 _NATURAL_HEAD = (
@@ -93,11 +94,15 @@ def resolve_style(style: str, data_kind: str) -> str:
     return style
 
 
+def solution_lines(text: str) -> list[str]:
+    """The non-blank lines of a solution, stripped."""
+    return [ln.strip() for ln in text.strip().split("\n") if ln.strip()]
+
+
 def align_lines(incorrect: str, reference: str, sep: str = " | ") -> str:
     """The two solutions side by side: line i is ``incorrect line i | reference line i`` (blank
     lines dropped; the shorter side is left empty)."""
-    a = [ln.strip() for ln in incorrect.strip().split("\n") if ln.strip()]
-    b = [ln.strip() for ln in reference.strip().split("\n") if ln.strip()]
+    a, b = solution_lines(incorrect), solution_lines(reference)
     rows = [(a[i] if i < len(a) else "", b[i] if i < len(b) else "")
             for i in range(max(len(a), len(b)))]
     return "\n".join(f"{x}{sep}{y}".strip() for x, y in rows)

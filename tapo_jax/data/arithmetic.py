@@ -195,7 +195,7 @@ def _knobs(data_cfg: Any) -> dict[str, Any]:
 
 def _eval_problems(data_cfg: Any, seed: int) -> list[Problem]:
     """The held-out problems: seeded by ``data.eval_seed`` when set, else by the run's seed."""
-    eval_seed = getattr(data_cfg, "eval_seed", None)
+    eval_seed = data_cfg.eval_seed
     return generate_problems(data_cfg.num_eval, seed=seed if eval_seed is None else eval_seed,
                              stream=1, prefix="eval", **_knobs(data_cfg))
 
