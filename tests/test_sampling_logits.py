@@ -198,3 +198,60 @@ def test_inverse_cdf_draw_frequencies():
     pos = w > 0
     expected = n * w[pos] / w[pos].sum()
     assert stats.chisquare(counts[pos], expected).pvalue > 1e-3
+
+
+# ------------------------------------------------------- truncated draw by rejection
+@functools.lru_cache(maxsize=None)
+def _jitted_truncated(tries: int):
+    from tapo_jax.sampling.logits import draw_truncated, uniforms
+
+    def fn(keys, probs, top_k, top_p, min_p):
+        return draw_truncated(probs, top_k, top_p, min_p, uniforms(keys, tries + 1))
+
+    return jax.jit(fn)
+
+
+@pytest.mark.parametrize("tries,top_p,min_p,scale", [
+    pytest.param(1, 0.3, 0.0, 0.3, id="mostly-fallback"),   # P(N) ~ 0.3: 70 % of rows fall back
+    pytest.param(2, 0.6, 0.1, 1.0, id="mixed"),
+    pytest.param(8, 0.9, 0.0, 1.5, id="mostly-rejection"),
+])
+def test_truncated_draw_frequencies_with_and_without_fallback(tries, top_p, min_p, scale):
+    """Rejection proposals and the masked fallback together give exactly the renormalised
+    kept distribution (chi-square against NumPy), whichever share of rows falls back."""
+    logits = np.random.default_rng(5).normal(0.0, scale, V).astype(np.float32)
+    allowed, amb = np_allowed(logits, 1.0, 0, top_p, min_p, slack=1e-5)
+    assert not amb.any()
+    p = np_softmax(logits.astype(np.float64))
+    n = 20_000
+    keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(7), n)))
+    probs = jnp.broadcast_to(jnp.asarray(np.exp(jax.nn.log_softmax(logits))), (n, V))
+    full = lambda x, dt: jnp.full((n,), x, dt)  # noqa: E731
+    idx = np.asarray(_jitted_truncated(tries)(keys, probs, full(0, jnp.int32),
+                                              full(top_p, jnp.float32),
+                                              full(min_p, jnp.float32)))
+    counts = np.bincount(idx, minlength=V)
+    assert counts[~allowed].sum() == 0
+    expected = n * p[allowed] / p[allowed].sum()
+    assert stats.chisquare(counts[allowed], expected).pvalue > 1e-3
+
+
+def test_truncated_draw_matches_the_mask_path_in_distribution_per_row():
+    """Rows with different top-p / min-p, with a top-k row in the call (the mask for every row)
+    and without: both draw only kept tokens, and the rejection path's acceptance test keeps
+    exactly the tokens truncation_mask keeps."""
+    from tapo_jax.sampling.logits import truncation_mask
+
+    rng = np.random.default_rng(6)
+    n = 64
+    logits = rng.normal(0, 2, (n, V)).astype(np.float32)
+    probs = jnp.exp(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    top_p = jnp.asarray(rng.uniform(0.05, 1.0, n), jnp.float32)
+    min_p = jnp.asarray(np.where(rng.uniform(size=n) < 0.5, 0.0, rng.uniform(0, 0.3, n)),
+                        jnp.float32)
+    for top_k in (np.zeros(n, np.int32), np.where(np.arange(n) == 3, 5, 0).astype(np.int32)):
+        keep = np.asarray(truncation_mask(probs, jnp.asarray(top_k), top_p, min_p))
+        for seed in range(10):
+            keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n)))
+            idx = np.asarray(_jitted_truncated(2)(keys, probs, jnp.asarray(top_k), top_p, min_p))
+            assert keep[np.arange(n), idx].all(), (seed, top_k.max())

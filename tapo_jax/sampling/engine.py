@@ -39,7 +39,7 @@ from tapo_jax.models import sharding as sharding_lib
 from tapo_jax.models.qwen3 import (KVCache, decode_graphdef, fuse_projections,
                                    has_fused_projections, init_cache, unstack_layers)
 from tapo_jax.sampling.logits import (draw_inverse_cdf, sample_tokens, truncation_mask,
-                                      uniforms, uses_uniforms)
+                                      num_uniforms, uniforms)
 
 
 @flax.struct.dataclass
@@ -397,8 +397,8 @@ def _insert_impl(params, prefix, state, slots, max_new, temperature, top_p, top_
 
 
 def _step(graphdef, params, state: DecodeState, keys, u, k_bound, filtered, max_len):
-    """One token for every live slot, drawn with ``keys`` uint32[S, 2] (and ``u`` f32[S]
-    = uniforms(keys), or None). ``state.cache`` may be a window of the first slots of the
+    """One token for every live slot, drawn with ``keys`` uint32[S, 2] (and ``u`` =
+    uniforms(keys, n), n = num_uniforms(...), or None). ``state.cache`` may be a window of the first slots of the
     full cache (``max_len`` slots): the window is attended to whole."""
     model = nnx.merge(graphdef, params)
     live = ~state.done
@@ -562,8 +562,8 @@ def _generate_impl(graphdef, params, state, *, steps, k_bound, filtered, attend_
         fold = jax.vmap(jax.vmap(jax.random.fold_in, (0, 0)), (None, 1), 1)
         step_keys = fold(state.keys, state.generated[:, None] + offsets[None, :])  # [S, N, 2]
         vocab = nnx.merge(graphdef, params).cfg.vocab_size
-        step_u = (uniforms(step_keys) if uses_uniforms(vocab, k_bound=k_bound, filtered=filtered)
-                  else None)  # [S, N]
+        n_u = num_uniforms(vocab, k_bound=k_bound, filtered=filtered)
+        step_u = uniforms(step_keys, n_u) if n_u else None  # [S, N] or [S, N, n_u]
 
         def body(carry):
             i, st, filled, (toks, lps, valid) = carry

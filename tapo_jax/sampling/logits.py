@@ -14,9 +14,12 @@ probability >= min_p times the most likely one's. The most likely token always s
 
 Nothing sorts the full vocabulary. With top-k on, candidates come from ``lax.top_k(logits,
 k_bound)`` (C = k_bound sorted candidates, ``k_bound`` a static bound on every row's top-k).
-Otherwise the cut-offs are probability thresholds found by an exact bisection over the bit
-patterns of float32 probabilities (31 vectorised passes over the vocabulary), and the token is
-drawn by inversion of the cumulative distribution (one uniform number per row). On exact ties at
+Otherwise a token is proposed from the untruncated distribution by inversion of the cumulative
+distribution and accepted iff the truncation keeps it, a test that takes one pass over the
+vocabulary (:func:`draw_truncated`, exact in distribution); rows still rejected after a few
+proposals, and calls where some row uses top-k with ``k_bound`` = V, use the kept set itself,
+whose cut-offs are probability thresholds found by an exact bisection over the bit patterns of
+float32 probabilities (31 vectorised passes over the vocabulary). On exact ties at
 a cut-off the threshold keeps every tied token.
 Letters: S rows (decode slots), V vocabulary, C candidates (k_bound).
 """
@@ -98,12 +101,49 @@ def truncation_mask(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p:
     return keep | (probs >= p_max[:, None])
 
 
-def uniforms(keys: jax.Array) -> jax.Array:
-    """The uniform number in [0, 1) that the inverse-CDF draw uses, per row: f32[...] from raw
-    PRNG keys uint32[..., 2] (precomputed by the engine for a whole decode call)."""
+def uniforms(keys: jax.Array, n: int = 1) -> jax.Array:
+    """The uniform numbers in [0, 1) that the inverse-CDF draws use, per row, from raw PRNG keys
+    uint32[..., 2] (precomputed by the engine for a whole decode call): f32[...] for ``n == 1``,
+    f32[..., n] otherwise (see :func:`num_uniforms`)."""
     flat = keys.reshape(-1, 2)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(flat)
-    return u.reshape(keys.shape[:-1])
+    if n == 1:
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(flat)
+        return u.reshape(keys.shape[:-1])
+    u = jax.vmap(lambda k: jax.random.uniform(k, (n,), jnp.float32))(flat)
+    return u.reshape(keys.shape[:-1] + (n,))
+
+
+def _cdf_tables(weights: jax.Array, block: int):
+    """What an inverse-CDF draw from ``weights`` f32[S, V] needs, whatever the uniform number:
+    the weights in blocks [S, nb, block], the cumulative block masses [S, nb] and the last block
+    with positive mass [S]."""
+    S, V = weights.shape
+    nb = -(-V // block)
+    w = jnp.pad(weights, ((0, 0), (0, nb * block - V))).reshape(S, nb, block)
+    block_cdf = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)  # [S, nb]
+    # the last block with positive mass, for a draw that rounding put past every block
+    last = nb - 1 - jnp.argmax(jnp.flip(block_cdf > jnp.concatenate(
+        [jnp.zeros((S, 1), block_cdf.dtype), block_cdf[:, :-1]], axis=-1), -1), axis=-1)
+    return w, block_cdf, last
+
+
+def _invert(tables, u: jax.Array, vocab: int) -> jax.Array:
+    """The index (int32[S]) where the cumulative distribution of :func:`_cdf_tables` reaches
+    ``u`` f32[S] times the total mass: one block of the vocabulary is scanned, not all of it."""
+    w, block_cdf, last = tables
+    nb, block = w.shape[1:]
+    target = u * block_cdf[:, -1]
+    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), nb - 1)
+    b = jnp.minimum(b, last)
+    before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None],
+                                                  axis=-1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [S, block]
+    cdf = jnp.cumsum(inner, axis=-1)
+    i = jnp.sum(cdf <= (target - before)[:, None], axis=-1)
+    # clamp to the block's last positive-weight token
+    last_i = block - 1 - jnp.argmax(jnp.flip(inner > 0, -1), axis=-1)
+    idx = b * block + jnp.minimum(i, last_i)
+    return jnp.minimum(idx, vocab - 1).astype(jnp.int32)
 
 
 def draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64,
@@ -116,31 +156,75 @@ def draw_inverse_cdf(keys: jax.Array, weights: jax.Array, block: int = 64,
     masses picks the block holding the draw, then a cumulative sum inside that block picks the
     token. Zero-weight tokens are never picked (the draw is strictly inside a positive mass).
     """
-    S, V = weights.shape
-    nb = -(-V // block)
-    w = jnp.pad(weights, ((0, 0), (0, nb * block - V))).reshape(S, nb, block)
     u = uniforms(keys) if u is None else u
-    block_cdf = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)  # [S, nb]
-    target = u * block_cdf[:, -1]
-    b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), nb - 1)
-    # the last block with positive mass, for a draw that rounding put past every block
-    last = nb - 1 - jnp.argmax(jnp.flip(block_cdf > jnp.concatenate(
-        [jnp.zeros((S, 1), block_cdf.dtype), block_cdf[:, :-1]], axis=-1), -1), axis=-1)
-    b = jnp.minimum(b, last)
-    before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, jnp.maximum(b - 1, 0)[:, None],
-                                                  axis=-1)[:, 0], 0.0)
-    inner = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [S, block]
-    cdf = jnp.cumsum(inner, axis=-1)
-    i = jnp.sum(cdf <= (target - before)[:, None], axis=-1)
-    # clamp to the block's last positive-weight token
-    last_i = block - 1 - jnp.argmax(jnp.flip(inner > 0, -1), axis=-1)
-    idx = b * block + jnp.minimum(i, last_i)
-    return jnp.minimum(idx, V - 1).astype(jnp.int32)
+    return _invert(_cdf_tables(weights, block), u, weights.shape[-1])
 
 
-def uses_uniforms(vocab_size: int, *, k_bound: int, filtered: bool) -> bool:
-    """Whether :func:`sample_tokens` draws by inverse CDF (so takes ``u``) with these options."""
-    return not (filtered and k_bound < vocab_size)
+def draw_truncated(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array,
+                   u: jax.Array, block: int = 64) -> jax.Array:
+    """One index per row from ``probs`` f32[S, V] restricted to ``truncation_mask`` and
+    renormalised; ``u`` f32[S, R] holds R >= 2 uniform numbers per row.
+
+    When no row uses top-k, by rejection: a token is proposed from the untruncated ``probs``
+    (inverse CDF at ``u[:, t]``) and accepted iff the mask would keep it, which is one pass over
+    the vocabulary (top-p keeps token i iff the mass strictly above p_i is below top_p; min-p
+    keeps p_i >= min_p * p_max) instead of the mask's 31 bisection passes. A row still rejected
+    after R - 1 proposals draws from the masked distribution with ``u[:, R - 1]``. Both give
+    token i in the kept set N with probability p_i / P(N): a proposal is accepted with
+    probability P(N), so the rejection stages give i with p_i (1 - (1 - P(N))^(R-1)) / P(N) and
+    the final draw with (1 - P(N))^(R-1) p_i / P(N). The nucleus holds at least top_p of the
+    mass, so at top-p 0.9 a row is rejected with probability at most 0.1 per proposal. Rows with
+    top-k on need the k-th largest probability, so any such row sends the call to the mask.
+    """
+    S, V = probs.shape
+    R = u.shape[-1]
+
+    def masked(_):
+        keep = truncation_mask(probs, top_k, top_p, min_p)
+        return draw_inverse_cdf(None, jnp.where(keep, probs, 0.0), block, u=u[:, R - 1])
+
+    def by_rejection(_):
+        tables = _cdf_tables(probs, block)
+        p_max = jnp.max(probs, axis=-1)
+        kept = probs / jnp.sum(probs, axis=-1, keepdims=True)  # as in truncation_mask
+
+        def accepted(tok):
+            p_tok = jnp.take_along_axis(probs, tok[:, None], axis=-1)[:, 0]
+            k_tok = jnp.take_along_axis(kept, tok[:, None], axis=-1)[:, 0]
+            above = jnp.sum(jnp.where(kept > k_tok[:, None], kept, 0.0), axis=-1)
+            ok = (top_p >= 1.0) | (above < top_p)
+            ok &= p_tok >= min_p * p_max
+            return ok | (p_tok >= p_max)
+
+        def cond(carry):
+            t, _, ok = carry
+            return (t < R - 1) & ~jnp.all(ok)
+
+        def body(carry):
+            t, tok, ok = carry
+            proposal = _invert(tables, jax.lax.dynamic_index_in_dim(u, t, 1, keepdims=False), V)
+            take = ~ok & accepted(proposal)
+            return t + 1, jnp.where(take, proposal, tok), ok | take
+
+        _, tok, ok = jax.lax.while_loop(
+            cond, body, (0, jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool)))
+        return jax.lax.cond(jnp.all(ok), lambda: tok,
+                            lambda: jnp.where(ok, tok, masked(None)))
+
+    use_k = (top_k > 0) & (top_k < V)
+    return jax.lax.cond(jnp.any(use_k), masked, by_rejection, None)
+
+
+REJECTION_TRIES = 4  # proposals per row before draw_truncated falls back to the mask
+
+
+def num_uniforms(vocab_size: int, *, k_bound: int, filtered: bool) -> int:
+    """Uniform numbers per row that :func:`sample_tokens` consumes for one token (the last
+    dimension of its ``u``): 0 when it draws among top-k candidates (categorical on the keys),
+    1 for an untruncated inverse-CDF draw, ``REJECTION_TRIES + 1`` for a truncated one."""
+    if filtered and k_bound < vocab_size:
+        return 0
+    return REJECTION_TRIES + 1 if filtered else 1
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -149,7 +233,8 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     """One token per row and its log-prob (see module doc).
 
     logits f32[S, V]; keys: raw PRNG keys uint32[S, 2] (one per row); per-row params [S];
-    ``u`` f32[S]: optionally ``uniforms(keys)``, precomputed (see ``uses_uniforms``).
+    ``u``: optionally ``uniforms(keys, n)``, precomputed, n = :func:`num_uniforms` (f32[S] for
+    n = 1, f32[S, n] otherwise).
     ``k_bound`` (static) bounds every row's top-k (V when some row has top-k off);
     ``filtered`` (static) is False when no row uses top-k, top-p or min-p (plain categorical).
     Rows with temperature 0 take the argmax.
@@ -159,15 +244,18 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     scaled = logits / t
     logp = jax.nn.log_softmax(scaled, axis=-1)  # the policy at the sampling temperature
-    if not uses_uniforms(V, k_bound=k_bound, filtered=filtered):
+    n_u = num_uniforms(V, k_bound=k_bound, filtered=filtered)
+    if n_u == 0:
         cand, ids = filter_candidates(scaled, top_k, top_p, min_p, k_bound)
         choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, cand)
         sampled = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     else:
         probs = jnp.exp(logp)
+        u = uniforms(keys, n_u) if u is None else u
         if filtered:
-            probs = jnp.where(truncation_mask(probs, top_k, top_p, min_p), probs, 0.0)
-        sampled = draw_inverse_cdf(keys, probs, u=u)
+            sampled = draw_truncated(probs, top_k, top_p, min_p, u)
+        else:
+            sampled = draw_inverse_cdf(keys, probs, u=u)
     # argmax is a full pass over the vocabulary: only when some row is greedy
     greedy_rows = temperature <= 0
     tokens = jax.lax.cond(
