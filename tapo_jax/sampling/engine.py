@@ -398,8 +398,8 @@ def _insert_impl(params, prefix, state, slots, max_new, temperature, top_p, top_
 
 def _step(graphdef, params, state: DecodeState, keys, u, k_bound, filtered, max_len):
     """One token for every live slot, drawn with ``keys`` uint32[S, 2] (and ``u`` =
-    uniforms(keys, n), n = num_uniforms(...), or None). ``state.cache`` may be a window of the first slots of the
-    full cache (``max_len`` slots): the window is attended to whole."""
+    uniforms(keys, n) with n = num_uniforms(...), or None). ``state.cache`` may be a window of
+    the first slots of the full cache (``max_len`` slots): the window is attended to whole."""
     model = nnx.merge(graphdef, params)
     live = ~state.done
     logits, cache = model(state.last_token[:, None], state.next_pos[:, None],
