@@ -221,6 +221,15 @@ class ColdStartConfig:
     reference_slip_fraction: float = 0.0
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
+    # Stop at a target accuracy instead of a step count: every `check_every` steps the policy
+    # samples `check_samples` answers (eval.temperature / eval.top_p) to each of the first
+    # `check_problems` RL training problems (never the evaluation problems), and the cold start
+    # ends at the first check whose Pass@1 is >= target_pass1. `steps` stays the cap (and the
+    # length of the learning-rate schedule). None = always run `steps` steps.
+    target_pass1: Optional[float] = None
+    check_every: int = 50
+    check_problems: int = 128
+    check_samples: int = 4
 
 
 @dataclass
@@ -582,6 +591,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(c.num_problems >= 0, source, "cold_start.num_problems", "must be >= 0")
     _require(0 <= c.reference_slip_fraction <= 1, source, "cold_start.reference_slip_fraction",
              "must be in [0, 1]")
+    _require(c.target_pass1 is None or 0 < c.target_pass1 <= 1, source, "cold_start.target_pass1",
+             f"must be in (0, 1] or null, got {c.target_pass1}")
+    for key in ("check_every", "check_problems", "check_samples"):
+        _require(getattr(c, key) >= 1, source, f"cold_start.{key}",
+                 f"must be >= 1, got {getattr(c, key)}")
     s = cfg.sampling
     _require(s.construction_draft_tokens >= 0, source, "sampling.construction_draft_tokens",
              "must be >= 0")

@@ -59,6 +59,20 @@ def evaluate_policy(policy: Policy, params: Any, cfg: Config, records: list, out
     return result
 
 
+def sampled_pass1(policy: Policy, params: Any, cfg: Config, records: list, *, num_samples: int,
+                  seed: int) -> float:
+    """Pass@1 of ``params`` on ``records``: the share of correct answers among ``num_samples``
+    per problem, sampled with the evaluation settings (``eval.temperature`` / ``eval.top_p``)."""
+    e = cfg.eval
+    fn = policy.text_sample_fn(params, e.max_new_tokens or cfg.sampling.max_new_tokens,
+                               e.temperature, e.top_p)
+    problems = [_eval_problem(r, cfg) for r in records]
+    texts = fn([p.prompt for p in problems], num_samples, seed)
+    flat = [t for row in texts for t in row]
+    rewards, _ = _shared_score(False)(flat, [p.answer for p in problems for _ in range(num_samples)])
+    return float(np.mean(np.asarray(rewards, np.float64) > 0))
+
+
 def _shared_score(lenient: bool):
     """The math reward computed in shares across processes (the same on one process)."""
     return score_across_processes(functools.partial(score, lenient=lenient))

@@ -38,7 +38,8 @@ from tapo_jax.train import rl_loop
 from tapo_jax.train.checkpoints import Checkpointer
 from tapo_jax.train.distributed import (barrier, host_array, is_main_process,
                                         sum_across_processes)
-from tapo_jax.train.inference import evaluate_policy, export_params, run_records
+from tapo_jax.train.inference import (evaluate_policy, export_params, run_records,
+                                      sampled_pass1)
 from tapo_jax.train.metrics import MetricsWriter, progress_bar, setup_logging
 from tapo_jax.train.policy import Policy, hf_params, params_from_path
 from tapo_jax.train.rollout import score_across_processes
@@ -169,11 +170,30 @@ def cold_start(run: Run, params: Any) -> Any:
         sft_state, run.summary["cold_start"] = run_cold_start(
             cfg, graphdef=policy.graphdef, state=sft_state, mesh=policy.mesh,
             tokenizer=policy.tokenizer, problems=problems, log_fn=cs_writer.write,
-            progress=cfg.train.progress)
+            progress=cfg.train.progress, check_fn=_accuracy_check(run))
     params = sft_state.params
     del sft_state
     export_params(policy, params, run.out / "hf_cold_start", cfg)
     return params
+
+
+def _accuracy_check(run: Run) -> Optional[Any]:
+    """``(params, step) -> Pass@1`` on the first ``cold_start.check_problems`` RL training
+    problems (``cold_start.target_pass1``; never the evaluation problems), or None."""
+    cfg = run.cfg
+    cs = cfg.cold_start
+    if cs.target_pass1 is None:
+        return None
+    records = run_records(cfg, False)[: cs.check_problems]
+    if not records:
+        raise ConfigError("cold_start.target_pass1: there are no training problems to check on")
+
+    def check(params: Any, step: int) -> float:
+        seed = int(np.random.SeedSequence([cfg.train.seed, 0xC6, step]).generate_state(1)[0] >> 1)
+        return sampled_pass1(run.policy, params, cfg, records, num_samples=cs.check_samples,
+                             seed=seed)
+
+    return check
 
 
 def rl_stage(run: Run, state: Any, ref_params: Any) -> Any:
@@ -339,6 +359,12 @@ def _write_summary(out: Path, summary: dict) -> None:
     if cs:
         lines.append(f"Cold start: {cs['steps']} steps on {cs['examples']} examples, "
                      f"{cs['seconds']:.0f} s, final loss {cs.get('final_loss')}.")
+        if cs.get("checks"):
+            last = cs["checks"][-1]
+            how = (f"stopped at step {cs['steps']} of {cs['max_steps']}"
+                   if cs["reached_target"] else f"ran all {cs['steps']} steps")
+            lines.append(f"Cold start {how}: Pass@1 {last['pass1']:.3f} on the check problems at "
+                         f"step {last['step']} (target {cs['target_pass1']:.3f}).")
     lines.append(f"RL: {summary.get('rl_seconds')} s. Total: {summary.get('total_seconds')} s.")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

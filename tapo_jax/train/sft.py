@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -60,8 +60,13 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
 
 def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokenizer: Any,
                    problems: list[Any], log_fn: Callable[[int, dict], None],
-                   progress: bool = True) -> tuple[Any, dict]:
-    """``cold_start.steps`` SFT updates on random mini-batches; returns (state, summary)."""
+                   progress: bool = True,
+                   check_fn: Optional[Callable[[Any, int], float]] = None) -> tuple[Any, dict]:
+    """``cold_start.steps`` SFT updates on random mini-batches; returns (state, summary).
+
+    With ``cold_start.target_pass1`` set, ``check_fn(params, step) -> Pass@1`` runs every
+    ``cold_start.check_every`` steps and the cold start ends at the first check that reaches
+    the target (the summary's ``steps`` are the steps taken, ``checks`` every check)."""
     cs = cfg.cold_start
     examples = cold_start_examples(cfg, tokenizer, problems)
     if not examples:
@@ -79,6 +84,12 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     bar = progress_bar(cs.steps, desc="cold start", enabled=progress)
     last: dict = {}
     tokens = 0
+    checks: list[dict] = []
+    target = cs.target_pass1
+    if target is not None and check_fn is None:
+        raise ConfigError("cold_start.target_pass1 needs a check of the policy's accuracy "
+                          "(run_cold_start(check_fn=...))")
+    steps_done = 0
     for s in range(cs.steps):
         L = lengths[int(rng.choice(len(lengths), p=weights))]
         members = groups[L]
@@ -91,18 +102,37 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
             batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
                                   row_multiple=n_dp)
         state, metrics = step_fn(state, place_batch(batch, mesh))
-        if (s + 1) % max(cfg.train.log_every, 10) == 0 or s + 1 == cs.steps:
+        steps_done = s + 1
+        check = None
+        if target is not None and steps_done % cs.check_every == 0 and steps_done < cs.steps:
+            t_check = time.time()
+            check = dict(step=steps_done, pass1=check_fn(state.params, steps_done),
+                         seconds=round(time.time() - t_check, 2))
+            checks.append(check)
+            log.info("cold start step %d: Pass@1 %.3f on the check problems (target %.3f)",
+                     steps_done, check["pass1"], target)
+        if (steps_done % max(cfg.train.log_every, 10) == 0 or steps_done == cs.steps
+                or check is not None):
             last = {k: float(v) for k, v in jax.device_get(metrics).items()}
             last.update(tokens=tokens, elapsed_s=time.time() - t0)
-            log_fn(s + 1, last)
+            if check is not None:
+                last["check/pass1"] = check["pass1"]
+            log_fn(steps_done, last)
             if bar is not None:
                 bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", refresh=False)
         if bar is not None:
             bar.update(1)
+        if check is not None and check["pass1"] >= target:
+            log.info("cold start: target Pass@1 %.3f reached at step %d of %d", target,
+                     steps_done, cs.steps)
+            break
     if bar is not None:
         bar.close()
-    summary = dict(steps=cs.steps, examples=len(examples), seconds=time.time() - t0,
-                   final_loss=last.get("loss"), length_buckets=lengths)
+    summary = dict(steps=steps_done, max_steps=cs.steps, examples=len(examples),
+                   seconds=time.time() - t0, final_loss=last.get("loss"), length_buckets=lengths)
+    if target is not None:
+        summary.update(target_pass1=target, checks=checks,
+                       reached_target=bool(checks and checks[-1]["pass1"] >= target))
     log.info("cold start done: %s", summary)
     return state, summary
 
