@@ -40,6 +40,10 @@ def write(tmp_path):
     ("model:\n  head_dim: 15\n", "model.head_dim"),
     ("eval:\n  num_samples: 2\n  k_max: 5\n", "eval.num_samples"),
     ("cold_start:\n  num_problems: -1\n", "cold_start.num_problems"),
+    ("cold_start:\n  target_pass1: 0\n", "cold_start.target_pass1"),
+    ("cold_start:\n  target_pass1: 1.5\n", "cold_start.target_pass1"),
+    ("cold_start:\n  check_every: 0\n", "cold_start.check_every"),
+    ("cold_start:\n  check_samples: 0\n", "cold_start.check_samples"),
     ("sampling:\n  construction_draft_tokens: -2\n", "sampling.construction_draft_tokens"),
 ])
 def test_bad_value_names_key_and_file(write, text, key):

@@ -68,6 +68,10 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     ``cold_start.check_every`` steps and the cold start ends at the first check that reaches
     the target (the summary's ``steps`` are the steps taken, ``checks`` every check)."""
     cs = cfg.cold_start
+    target = cs.target_pass1
+    if target is not None and check_fn is None:
+        raise ConfigError("cold_start.target_pass1 needs a check of the policy's accuracy "
+                          "(run_cold_start(check_fn=...))")
     examples = cold_start_examples(cfg, tokenizer, problems)
     if not examples:
         raise ConfigError("cold start: no examples")
@@ -85,10 +89,6 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     last: dict = {}
     tokens = 0
     checks: list[dict] = []
-    target = cs.target_pass1
-    if target is not None and check_fn is None:
-        raise ConfigError("cold_start.target_pass1 needs a check of the policy's accuracy "
-                          "(run_cold_start(check_fn=...))")
     steps_done = 0
     for s in range(cs.steps):
         L = lengths[int(rng.choice(len(lengths), p=weights))]
