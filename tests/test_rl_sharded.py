@@ -38,6 +38,8 @@ pytestmark = pytest.mark.skipif(
 
 B, T, V, D, NQ = 16, 6, 37, 8, 4
 CFG = RLConfig(kl_coef=0.05, entropy_coef=0.01, eps_high=0.28)
+# outputs that are sums over every row of the batch (the gradient of the replicated lm-head weight)
+REDUCED_OVER_DEVICES = {"head_gw"}
 
 
 def everything(x):
@@ -120,7 +122,14 @@ def test_sharded_equals_single_device(axis_type):
     got = jax.device_get(got_arrays)
     assert set(got) == set(want)
     for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+        if k in REDUCED_OVER_DEVICES:
+            # a sum over all B x T rows that the sharded program adds up device by device: the
+            # order of the float32 additions differs, so the error is relative to the sum's
+            # scale, not to each (possibly near-cancelling) entry: normwise relative error 1e-6
+            scale = float(np.abs(want[k]).max())
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6 * scale, err_msg=k)
+        else:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
     # sanity: the batch has both kinds of rows and nothing degenerate
     assert 0 < float(want["m_num_ref_rows"]) and 0 < float(want["m_num_orig_rows"])
     assert np.any(want["tapo_glp"] != 0) and np.isfinite(want["tapo"])
