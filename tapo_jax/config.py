@@ -221,6 +221,13 @@ class ColdStartConfig:
     reference_slip_fraction: float = 0.0
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
+    # Each batch is drawn from one length group (examples padded to a multiple of
+    # `length_quantum` tokens; powers of two when that gives more than 6 groups), so each batch is
+    # padded only to its own group's length and the step compiles once per group.
+    length_quantum: int = 32
+    # Pack a batch's rows in pairs (as train.packing does for RL). Rows of one length group leave
+    # little padding to save, and a packed row doubles the span attention runs over.
+    packing: bool = False
     # Stop at a target accuracy instead of a step count: every `check_every` steps the policy
     # samples `check_samples` answers (eval.temperature / eval.top_p) to each of the first
     # `check_problems` RL training problems (never the evaluation problems), and the cold start
@@ -593,7 +600,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
              "must be in [0, 1]")
     _require(c.target_pass1 is None or 0 < c.target_pass1 <= 1, source, "cold_start.target_pass1",
              f"must be in (0, 1] or null, got {c.target_pass1}")
-    for key in ("check_every", "check_problems", "check_samples"):
+    for key in ("check_every", "check_problems", "check_samples", "length_quantum"):
         _require(getattr(c, key) >= 1, source, f"cold_start.{key}",
                  f"must be >= 1, got {getattr(c, key)}")
     s = cfg.sampling

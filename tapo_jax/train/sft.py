@@ -75,7 +75,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     examples = cold_start_examples(cfg, tokenizer, problems)
     if not examples:
         raise ConfigError("cold start: no examples")
-    groups = length_groups(examples)
+    groups = length_groups(examples, quantum=cs.length_quantum)
     n_dp = data_parallel_size(mesh)
     batch_size = -(-cs.batch_size // n_dp) * n_dp
     step_fn = make_train_step(graphdef, cfg, mesh, kind="sft")
@@ -98,13 +98,15 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
             [examples[members[i]] for i in idx], pad_id=pad, length_buckets=(L,),
             row_buckets=(batch_size,), max_len=L)
         tokens += stats.response_tokens
-        if cfg.train.packing:
+        if cs.packing:
             batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
                                   row_multiple=n_dp)
         state, metrics = step_fn(state, place_batch(batch, mesh))
         steps_done = s + 1
         check = None
         if target is not None and steps_done % cs.check_every == 0 and steps_done < cs.steps:
+            # the check's clock starts once the steps dispatched so far have run
+            jax.block_until_ready(state.params)
             t_check = time.time()
             check = dict(step=steps_done, pass1=check_fn(state.params, steps_done),
                          seconds=round(time.time() - t_check, 2))
@@ -137,7 +139,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     return state, summary
 
 
-def length_groups(examples: list[tuple[list[int], list[int]]], *, quantum: int = 64,
+def length_groups(examples: list[tuple[list[int], list[int]]], *, quantum: int = 32,
                   max_groups: int = 6) -> dict[int, list[int]]:
     """Example indices grouped by padded length (multiples of ``quantum``; powers of two when
     that would give more than ``max_groups`` shapes), so each batch is padded only to its own
