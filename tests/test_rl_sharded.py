@@ -130,7 +130,36 @@ def test_sharded_equals_single_device(axis_type):
             np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6 * scale, err_msg=k)
         else:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    # The reduced gradient, one device and eight, against float64 NumPy within the float32
+    # error bound of its sum (below): an independent check that reordering the additions
+    # across devices moves it by rounding only.
+    ref, bound = _head_gw_reference(x)
+    for name, value in (("single device", want["head_gw"]), ("8 devices", got["head_gw"])):
+        err = np.abs(np.asarray(value, np.float64) - ref)
+        assert np.all(err <= bound), (name, float((err / bound).max()))
     # sanity: the batch has both kinds of rows and nothing degenerate
     assert 0 < float(want["m_num_ref_rows"]) and 0 < float(want["m_num_orig_rows"])
     assert np.any(want["tapo_glp"] != 0) and np.isfinite(want["tapo"])
 
+
+
+
+def _head_gw_reference(x):
+    """The gradient of ``sum(lp) + 0.5 * sum(entropy)`` with respect to the lm-head weight in
+    float64 NumPy, and a first-order bound on the error of a float32 evaluation of it.
+
+    With z = h w, p = softmax(z) and y the one-hot target, d/dz of the loss is
+    g = y - p - 0.5 p (log p + H) per row (H the row's entropy), and the gradient is the sum over
+    the n = B x T rows of h^T g. A float32 sum of n terms, each with a few roundings of its own
+    (the softmax, log and product), errs by at most about (n + c) u sum |h_i g_j| with
+    u = 2^-24; c = 16 covers the per-term roundings and the log-sum-exp."""
+    h = x["hidden"].astype(np.float64).reshape(-1, D)
+    z = h @ x["weight"].astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    p = np.exp(logp)
+    ent = -(p * logp).sum(-1, keepdims=True)
+    y = np.eye(V)[x["tgt"].reshape(-1)]
+    g = y - p - 0.5 * p * (logp + ent)
+    n, u = h.shape[0], 2.0 ** -24
+    return h.T @ g, (n + 16) * u * (np.abs(h).T @ np.abs(g))
