@@ -204,3 +204,14 @@ def test_close_is_idempotent_and_final():
     assert not os.path.exists(f"/proc/{pid}")
     with pytest.raises(RuntimeError, match="closed"):
         v.score(["\\boxed{\\sqrt{2}}"], ["\\sqrt{2} + 0"])
+
+
+def test_warmup_items_take_the_equivalence_path():
+    """A worker checks WARMUP before it reports ready, so a fresh worker's first items do not
+    pay sympy's first-use costs inside their deadline; each warm-up item must be an equivalence
+    that needs sympy (not a string match), and correct."""
+    from tapo_jax.rewards.worker import WARMUP, Checker
+
+    checker = Checker()
+    assert [checker.check(gold, pred) for gold, pred in WARMUP] == ["correct"] * len(WARMUP)
+    assert all(pred[len("\\boxed{"):-1] != gold for gold, pred in WARMUP)

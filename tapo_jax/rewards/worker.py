@@ -3,7 +3,8 @@
 Runs in a spawned process (see ``pool.py``). Protocol over one duplex pipe, all values plain
 Python (str / int / tuple / list):
 
-  worker -> parent  ("ready", pid) once imports are done, or ("fatal", message) and exit
+  worker -> parent  ("ready", pid) once imports and a warm-up (WARMUP) are done, or
+                    ("fatal", message) and exit
   parent -> worker  [(key, gold, pred), ...]   a chunk of items, or None to exit
   worker -> parent  (key, code) after each item, code in {"correct", "wrong", "parse_error",
                     "bad_gold", "error"}; the parent times each item from the previous reply.
@@ -116,6 +117,13 @@ class Checker:
             return "error"
 
 
+# Checked once before a worker reports ready: sympy builds caches (radicals, rationals,
+# polynomial expansion, tuples) on first use, which made a fresh worker's first items take up to
+# 0.8 s each on an idle 2-core CPU, and pass their deadline on a loaded one.
+WARMUP = (("\\sqrt{12}", "\\boxed{2\\sqrt{3}}"), ("\\frac{1}{2}", "\\boxed{0.5}"),
+          ("x^2+2x+1", "\\boxed{(x+1)^2}"), ("(1, 2)", "\\boxed{(1,2)}"))
+
+
 def worker_main(conn, memory_limit_mb: int) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -124,6 +132,8 @@ def worker_main(conn, memory_limit_mb: int) -> None:
         for name in ("math_verify", "latex2sympy2_extended"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         checker = Checker()
+        for gold, pred in WARMUP:
+            checker.check(gold, pred)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
