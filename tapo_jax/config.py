@@ -232,9 +232,13 @@ class ColdStartConfig:
     # samples `check_samples` answers (eval.temperature / eval.top_p) to each of the first
     # `check_problems` RL training problems (never the evaluation problems), and the cold start
     # ends at the first check whose Pass@1 is >= target_pass1. `steps` stays the cap (and the
-    # length of the learning-rate schedule). None = always run `steps` steps.
+    # length of the learning-rate schedule). None = always run `steps` steps. No check runs
+    # before step `check_from` (0 = from the first multiple of `check_every`): the checks never
+    # touch the training batches or the params, so skipping early ones that cannot reach the
+    # target saves their time and changes nothing else.
     target_pass1: Optional[float] = None
     check_every: int = 50
+    check_from: int = 0
     check_problems: int = 128
     check_samples: int = 4
 
@@ -603,6 +607,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for key in ("check_every", "check_problems", "check_samples", "length_quantum"):
         _require(getattr(c, key) >= 1, source, f"cold_start.{key}",
                  f"must be >= 1, got {getattr(c, key)}")
+    _require(c.check_from >= 0, source, "cold_start.check_from",
+             f"must be >= 0, got {c.check_from}")
     s = cfg.sampling
     _require(s.construction_draft_tokens >= 0, source, "sampling.construction_draft_tokens",
              "must be >= 0")

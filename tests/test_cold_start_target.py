@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from tapo_jax.config import ConfigError, load_config
@@ -19,23 +21,25 @@ TINY = [
     "data.num_train=64", "data.num_eval=8", "data.max_steps=2",
     "cold_start.enabled=true", "cold_start.batch_size=4", "cold_start.warmup_steps=0",
     "cold_start.num_problems=64", "cold_start.check_every=2", "cold_start.check_problems=5",
-    "cold_start.check_samples=3", "cold_start.target_pass1=0.5",
+    "cold_start.check_samples=3", "cold_start.target_pass1=0.5", "cold_start.check_from=0",
     "train.steps=0", "train.progress=false", "train.export_hf=false",
     "eval.before_and_after=false",
 ]
 
 
-def _cold_start(tmp_path, monkeypatch, name, scripted, *extra):
+def _cold_start(tmp_path, monkeypatch, name, scripted, *extra, seen_params=None):
     """A cold-start-only run whose accuracy checks return ``scripted`` in turn; returns the
     summary, the cold start's metrics and the (step, prompts) of each check."""
     from tapo_jax.train import run as run_mod
     from tapo_jax.train.inference import run_records
 
+    seen_params = [] if seen_params is None else seen_params
     calls = []
 
     def fake_pass1(policy, params, cfg, records, *, num_samples, seed):
         assert num_samples == cfg.cold_start.check_samples
         calls.append([r.prompt for r in records])
+        seen_params.append(jax.device_get(params))
         return scripted[len(calls) - 1]
 
     monkeypatch.setattr(run_mod, "sampled_pass1", fake_pass1)
@@ -67,6 +71,27 @@ def test_runs_to_the_cap_when_the_target_is_not_reached(tmp_path, monkeypatch):
     # checks at steps 2 and 4 only: the cap (step 5) ends the cold start without one
     assert len(calls) == 2 and cs["steps"] == 5 and not cs["reached_target"]
     assert metrics[-1]["step"] == 5 and "check/pass1" not in metrics[-1]
+
+
+def test_check_from_skips_early_checks_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    every, late = [], []
+    cs_every, _, _, _, _ = _cold_start(tmp_path, monkeypatch, "every", [0.0, 0.1, 0.2],
+                                       "cold_start.steps=7", seen_params=every)
+    cs_late, metrics, calls, _, _ = _cold_start(tmp_path, monkeypatch, "late", [0.1, 0.2],
+                                                "cold_start.steps=7", "cold_start.check_from=3",
+                                                seen_params=late)
+    # checks at steps 4 and 6 only (multiples of check_every from step 3 on)
+    assert [c["step"] for c in cs_every["checks"]] == [2, 4, 6]
+    assert [c["step"] for c in cs_late["checks"]] == [4, 6] and len(calls) == 2
+    assert [r["step"] for r in metrics if "check/pass1" in r] == [4, 6]
+    assert cs_late["steps"] == 7 and not cs_late["reached_target"]
+    # skipping the step-2 check changes nothing: the params at steps 4 and 6 are bit-identical
+    for a, b in zip(every[1:], late):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    # and training did move the params between the checks (the comparison can fail)
+    assert any(not np.array_equal(x, y)
+               for x, y in zip(jax.tree.leaves(late[0]), jax.tree.leaves(late[1])))
 
 
 def test_no_target_no_check(tmp_path, monkeypatch):

@@ -65,13 +65,18 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     """``cold_start.steps`` SFT updates on random mini-batches; returns (state, summary).
 
     With ``cold_start.target_pass1`` set, ``check_fn(params, step) -> Pass@1`` runs every
-    ``cold_start.check_every`` steps and the cold start ends at the first check that reaches
-    the target (the summary's ``steps`` are the steps taken, ``checks`` every check)."""
+    ``cold_start.check_every`` steps from step ``cold_start.check_from`` on, and the cold start
+    ends at the first check that reaches the target (the summary's ``steps`` are the steps
+    taken, ``checks`` every check)."""
     cs = cfg.cold_start
     target = cs.target_pass1
     if target is not None and check_fn is None:
         raise ConfigError("cold_start.target_pass1 needs a check of the policy's accuracy "
                           "(run_cold_start(check_fn=...))")
+    if target is not None and max(cs.check_from, cs.check_every) >= cs.steps:
+        log.warning("cold start: no accuracy check runs before the cap (cold_start.steps %d, "
+                    "check_every %d, check_from %d): it runs all %d steps", cs.steps,
+                    cs.check_every, cs.check_from, cs.steps)
     examples = cold_start_examples(cfg, tokenizer, problems)
     if not examples:
         raise ConfigError("cold start: no examples")
@@ -104,7 +109,8 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         state, metrics = step_fn(state, place_batch(batch, mesh))
         steps_done = s + 1
         check = None
-        if target is not None and steps_done % cs.check_every == 0 and steps_done < cs.steps:
+        if (target is not None and steps_done % cs.check_every == 0 and steps_done < cs.steps
+                and steps_done >= cs.check_from):
             # the check's clock starts once the steps dispatched so far have run
             jax.block_until_ready(state.params)
             t_check = time.time()
