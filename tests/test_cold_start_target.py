@@ -6,6 +6,7 @@ cold start ends at the first check that reaches the target; without one it runs 
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -92,6 +93,22 @@ def test_check_from_skips_early_checks_and_leaves_training_unchanged(tmp_path, m
     # and training did move the params between the checks (the comparison can fail)
     assert any(not np.array_equal(x, y)
                for x, y in zip(jax.tree.leaves(late[0]), jax.tree.leaves(late[1])))
+
+
+def test_no_check_before_the_cap_runs_every_step_and_warns(tmp_path, monkeypatch):
+    # check_from 5 with check_every 2: the first check would be at step 6, the cap
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("tapo_jax")  # the project's logger does not propagate
+    logger.addHandler(handler)
+    try:
+        cs, _, calls, _, _ = _cold_start(tmp_path, monkeypatch, "none", [],
+                                         "cold_start.steps=6", "cold_start.check_from=5")
+    finally:
+        logger.removeHandler(handler)
+    assert calls == [] and cs["steps"] == 6 and not cs["reached_target"]
+    assert any("no accuracy check runs before the cap" in w for w in warnings)
 
 
 def test_no_target_no_check(tmp_path, monkeypatch):

@@ -73,7 +73,8 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
     if target is not None and check_fn is None:
         raise ConfigError("cold_start.target_pass1 needs a check of the policy's accuracy "
                           "(run_cold_start(check_fn=...))")
-    if target is not None and max(cs.check_from, cs.check_every) >= cs.steps:
+    first_check = -(-max(cs.check_from, 1) // cs.check_every) * cs.check_every
+    if target is not None and first_check >= cs.steps:
         log.warning("cold start: no accuracy check runs before the cap (cold_start.steps %d, "
                     "check_every %d, check_from %d): it runs all %d steps", cs.steps,
                     cs.check_every, cs.check_from, cs.steps)
