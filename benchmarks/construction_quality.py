@@ -10,8 +10,10 @@ temperature / top-p; strict parsing; every reconstruction judged by the task's o
 - the RL loop's rates (``parse_rate``, ``success_rate``, ``verbatim_prefix_rate``,
   ``recovery_rate``, ``reflect_rate``, ``reflect_early_rate``, ``reflect_late_rate``) and the ZPD
   share;
-- ``analysis_step_accuracy``: the analysis names the wrong response's first error step
-  (``Step k:``, the cold start's analysis format);
+- ``analysis_step_accuracy``: over parsed constructions, the analysis names the wrong
+  response's first error step (its last ``Step k:``, either of the cold start's analysis
+  styles); ``analysis_at_error_rate`` is the same over those whose wrong response has an error
+  the oracle locates (the RL loop's diagnostic);
 - ``reference_diverges_at_error``: the share of pairs whose reference's first line that differs
   from the wrong response is that response's first error line (where comparing the two locates
   the error);
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             key = "unparsed"
         else:
             chk = D.check_construction(q.question, w, c.reconstruction,
-                                       float(r_rew[len(checks)]))
+                                       float(r_rew[len(checks)]), c.analysis)
             checks.append(chk)
-            m = re.search(r"Step (\d+)", c.analysis)
-            step_right += m is not None and err is not None and int(m.group(1)) - 1 == err
+            named = D.analysis_error_step(c.analysis)
+            step_right += named is not None and err is not None and named - 1 == err
             key = chk.placement
             if key == "at_error":
                 key += "/verbatim" if chk.verbatim_prefix else "/prefix_altered"

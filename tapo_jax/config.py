@@ -219,6 +219,10 @@ class ColdStartConfig:
     # with a compensated slip of its own (as the policy's correct rollouts often are), so that the
     # copied prefix can only come from the wrong response (tapo_jax.data.sft_examples)
     reference_slip_fraction: float = 0.0
+    # arithmetic task: the construction examples' analysis. "step" names the erroneous step
+    # ("Step 3: sign error."); "walk" checks every step before it first ("Step 1 ok. Step 2 ok.
+    # Step 3: sign error."), one decision per line instead of the step number in one token
+    analysis: Literal["step", "walk"] = "step"
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
     # Each batch is drawn from one length group (examples padded to a multiple of

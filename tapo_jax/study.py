@@ -45,6 +45,7 @@ DIAGNOSTICS = (
     ("recovery", "diag/recovery_rate"),
     ("reflect_early", "diag/reflect_early_rate"),
     ("reflect_late", "diag/reflect_late_rate"),
+    ("analysis_at_error", "diag/analysis_at_error_rate"),
     ("ref_nonzero_adv", "diag/ref_nonzero_adv_share"),
     ("ref_adv_mean", "diag/ref_adv_mean"),
     ("ots_prefix", "diag/ots_prefix_mean"),

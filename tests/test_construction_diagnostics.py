@@ -60,6 +60,33 @@ def test_reference_clean_to_error(reference, clean):
                                           reference)
 
 
+@pytest.mark.parametrize("analysis, step", [
+    ("Step 2: arithmetic error.", 2),
+    ("Step 1 ok. Step 2 ok. Step 3: sign error.", 3),  # the walk: the last named step
+    ("Step 1 ok. Step 2 ok.", None),  # checks steps but names no error
+    ("the second line", None),
+    ("Step 12: wrong answer.", 12),
+])
+def test_analysis_error_step(analysis, step):
+    assert D.analysis_error_step(analysis) == step
+
+
+@pytest.mark.parametrize("analysis, named", [
+    ("Step 1: arithmetic error.", True),  # WRONG's first error is its line 1 (10 + 5 = 16)
+    ("Step 1: sign error.", True),  # the kind is not judged, only the step
+    ("Step 2: arithmetic error.", False),
+    ("Step 1 ok. Step 2: arithmetic error.", False),
+    ("no step named", False),
+    (None, None),  # no analysis given
+])
+def test_oracle_judges_the_analysis(analysis, named):
+    recon = "10 + 5 = 16\nWait, 10 + 5 = 15, not 16.\n15 - 3 = 12\n\\boxed{12}"
+    assert D.check_construction(Q, WRONG, recon, 1.0, analysis).analysis_at_error is named
+    # a wrong response without an error the oracle can locate: nothing to name
+    right = "10 + 5 = 15\n15 - 3 = 12\n\\boxed{12}"
+    assert D.check_construction(Q, right, recon, 1.0, analysis).analysis_at_error is None
+
+
 def test_construction_report_rates():
     C = D.ConstructionCheck
     checks = [C(True, True, True, True, "at_error"), C(True, False, True, True, "late"),
@@ -69,6 +96,10 @@ def test_construction_report_rates():
                  "recovery_rate": 0.5, "reflect_rate": 0.75, "reflect_early_rate": 0.0,
                  "reflect_late_rate": 0.25}
     assert D.construction_report(0, 0, []) == {}
+    judged = [C(True, True, True, True, "at_error", True), C(True, True, True, True, "at_error"),
+              C(False, False, False, False, "none", False),
+              C(False, False, False, False, "none", False)]
+    assert D.construction_report(4, 4, judged)["analysis_at_error_rate"] == pytest.approx(1 / 3)
 
 
 def test_reflection_regions_split_tokens():
@@ -145,7 +176,7 @@ def _scripted(tok, problems):
                 if kind == "good":
                     target = construction_example(by_q[q], wrong)[1]
                 elif kind == "bad":
-                    target = ("<analysis>Step 1: sign error.</analysis>\n<reconstruction>"
+                    target = ("<analysis>Step 9: sign error.</analysis>\n<reconstruction>"
                               "1 + 1 = 2\nWait, the answer is -999.\n\\boxed{-999}"
                               "</reconstruction>")
                 else:
@@ -196,6 +227,9 @@ def test_scripted_iteration_diagnostics():
     assert s["diag/verbatim_prefix_rate"] == pytest.approx(5 / 6)
     assert s["diag/recovery_rate"] == pytest.approx(5 / 6)
     assert s["diag/reflect_rate"] == 1.0
+    # the good analyses name the first error (the oracle's, from construction_example); the bad
+    # one names step 9 of a two-step problem
+    assert s["diag/analysis_at_error_rate"] == pytest.approx(5 / 6)
     # Eq. 5 groups: query 0 {good 1, bad 0} -> 2 non-zero; query 1 {1, 1, 1} -> 0;
     # query 4 {good 1} alone -> A = r = 1: 3 of 6 reflection rows
     arrays, _ = build_batch_arrays(col.rows, num_queries=col.num_queries, pad_id=0,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from tapo_jax.data import arithmetic as A
+from tapo_jax.construction.diagnostics import analysis_error_step
 from tapo_jax.data.sft_examples import (
+    analysis_text,
     build_cold_start,
     cold_start_rows,
     construction_example,
@@ -52,6 +54,36 @@ def test_construction_targets_keep_the_wrong_prefix_and_recover(problems):
         assert chk.lines == k + 1
         assert p.reconstruction.split("\n")[k + 1].startswith("Wait, ")
         assert A.trace_response(q, p.reconstruction).recovered
+
+
+def test_walk_analysis_checks_each_step_before_the_error(problems):
+    step = build_cold_start(problems, seed=4, construction_fraction=0.5,
+                            reference_slip_fraction=0.25)
+    walk = build_cold_start(problems, seed=4, construction_fraction=0.5,
+                            reference_slip_fraction=0.25, analysis="walk")
+    assert len(walk.constructions) == len(step.constructions) > 0
+    assert walk.solutions == step.solutions
+    depths = set()
+    for (p0, t0), (p1, t1) in zip(step.constructions, walk.constructions):
+        assert p1 == p0  # same prompts (question, wrong response, shown reference)
+        a0, a1 = parse_construction(t0), parse_construction(t1)
+        assert a1.ok and a1.reconstruction == a0.reconstruction  # only the analysis differs
+        q = p0.split("\n")[1].removeprefix("Q: ")
+        k = A.first_error_step(q, p0.split("Wrong:\n")[1].split("\nRef:")[0])
+        oks = "".join(f"Step {i + 1} ok. " for i in range(k))
+        assert a1.analysis == oks + a0.analysis  # "Step 1 ok. ... Step k+1: kind."
+        assert analysis_error_step(a1.analysis) == analysis_error_step(a0.analysis) == k + 1
+        depths.add(k)
+    assert len(depths) >= 2  # errors at several depths were walked to
+
+
+def test_analysis_style_is_checked(problems):
+    with pytest.raises(ValueError, match="analysis style"):
+        build_cold_start(problems, seed=0, analysis="steps")
+    p = problems[0]
+    slip = A.make_slip(p, np.random.default_rng(0), "digit")
+    with pytest.raises(ValueError, match="analysis style"):
+        analysis_text(p.question, slip.text, 0, "quote")
 
 
 def test_full_mode_targets_the_correct_solution(problems):

@@ -5,8 +5,9 @@ Per iteration (host side, NumPy, no model):
 - construction level (:func:`construction_report`): parse rate, success rate, and, with the
   arithmetic task's oracle, the verbatim-prefix rate (the reconstruction's lines before its
   reflection equal the wrong response's lines up to and including its first error) and the
-  reflection-then-recovery rate (:func:`tapo_jax.data.arithmetic.trace_response`), and where
-  the reflection stands against the first error (right after it, early, late);
+  reflection-then-recovery rate (:func:`tapo_jax.data.arithmetic.trace_response`), where
+  the reflection stands against the first error (right after it, early, late), and whether the
+  analysis names the erroneous step (:func:`analysis_error_step`);
 - token regions of a reconstruction (:func:`reflection_regions`): the completion tokens of the
   prefix, of the reflection line and of the continuation, used to mask the prefix out of the
   loss (``rl.ref_loss_from_reflection``) and to split the OTS statistics;
@@ -17,6 +18,7 @@ Per iteration (host side, NumPy, no model):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ __all__ = [
     "PLACEMENTS",
     "REGIONS",
     "advantage_report",
+    "analysis_error_step",
     "check_construction",
     "construction_report",
     "ots_region_report",
@@ -52,6 +55,15 @@ def reflection_line_index(lines: Sequence[str]) -> int | None:
 
 
 PLACEMENTS = ("at_error", "early", "late", "none")
+_NAMED_STEP = re.compile(r"Step (\d+):")
+
+
+def analysis_error_step(analysis: str) -> int | None:
+    """The step (1-based) an analysis names as the first error: its last ``Step k:`` (the cold
+    start's formats: ``Step 3: sign error.``, or ``Step 1 ok. Step 2 ok. Step 3: sign error.``),
+    or None when it names none."""
+    found = _NAMED_STEP.findall(analysis)
+    return int(found[-1]) if found else None
 
 
 @dataclass(frozen=True)
@@ -64,22 +76,29 @@ class ConstructionCheck:
     # ("at_error"), before it ("early"), after it ("late"), or "none" (no reflection, or a wrong
     # response without an error the oracle can locate)
     placement: str = "none"
+    # the analysis names the wrong response's first error step (None: no analysis given, or no
+    # error the oracle can locate)
+    analysis_at_error: bool | None = None
 
 
-def check_construction(question: str, wrong: str, reconstruction: str, reward: float
-                       ) -> ConstructionCheck:
-    """The oracle's view of one arithmetic reconstruction (see the module docstring)."""
+def check_construction(question: str, wrong: str, reconstruction: str, reward: float,
+                       analysis: str | None = None) -> ConstructionCheck:
+    """The oracle's view of one arithmetic reconstruction and, when given, of its analysis
+    (see the module docstring)."""
     rec = solution_lines(reconstruction)
     k = reflection_line_index(rec)
     verbatim, placement = False, "none"
+    err = first_error_step(question, wrong)
+    named = None
+    if analysis is not None and err is not None:
+        named = analysis_error_step(analysis) == err + 1
     if k is not None:
-        err = first_error_step(question, wrong)
         w = solution_lines(wrong)
         if err is not None and err < len(w):
             verbatim = rec[:k] == w[:err + 1]
             placement = "at_error" if k == err + 1 else ("early" if k < err + 1 else "late")
     recovered = trace_response(question, reconstruction).recovered
-    return ConstructionCheck(k is not None, verbatim, recovered, reward > 0, placement)
+    return ConstructionCheck(k is not None, verbatim, recovered, reward > 0, placement, named)
 
 
 def reference_clean_to_error(question: str, wrong: str, reference: str) -> bool:
@@ -105,7 +124,9 @@ def construction_report(attempted: int, parsed: int, checks: Sequence[Constructi
     - ``verbatim_prefix_rate``, ``recovery_rate``, ``reflect_rate``: over parsed constructions;
     - ``reflect_early_rate``, ``reflect_late_rate``: the reflection line stands before / after
       the line right after the wrong response's first error (over parsed constructions; with
-      ``verbatim_prefix_rate`` they tell a misplaced reflection from a corrupted copy).
+      ``verbatim_prefix_rate`` they tell a misplaced reflection from a corrupted copy);
+    - ``analysis_at_error_rate``: over the checks that judged an analysis, the share whose
+      analysis names the wrong response's first error step.
     Rates with a zero denominator are left out (undefined, not 0)."""
     out: dict[str, float] = {}
     if attempted:
@@ -118,6 +139,9 @@ def construction_report(attempted: int, parsed: int, checks: Sequence[Constructi
         out["reflect_rate"] = sum(c.reflects for c in checks) / n
         out["reflect_early_rate"] = sum(c.placement == "early" for c in checks) / n
         out["reflect_late_rate"] = sum(c.placement == "late" for c in checks) / n
+        judged = [c.analysis_at_error for c in checks if c.analysis_at_error is not None]
+        if judged:
+            out["analysis_at_error_rate"] = sum(judged) / len(judged)
     return out
 
 

@@ -3,7 +3,8 @@
 1. Ordinary solutions: question -> step-by-step solution ending in ``\\boxed{}``.
 2. Trajectory-construction examples: the synthesis prompt (question, an erroneous solution with
    one realistic slip, the correct solution as reference; built by construction.synthesis,
-   exactly as the RL loop builds it) -> ``<analysis>Step k: kind.</analysis>`` and a
+   exactly as the RL loop builds it) -> ``<analysis>Step k: kind.</analysis>`` (or, with
+   ``analysis="walk"``, ``<analysis>Step 1 ok. ... Step k: kind.</analysis>``) and a
    ``<reconstruction>`` that keeps the erroneous lines verbatim up to and including the wrong
    step, reflects ("Wait, 85 - 19 = 66, not 67.") and continues correctly to the answer. Mode
    ``full`` (ablation) targets the whole correct solution instead.
@@ -34,13 +35,32 @@ from tapo_jax.data.batching import Row, build_train_batch
 from tapo_jax.construction.synthesis import build_synthesis_prompt, format_construction, rule_construct
 
 __all__ = [
+    "ANALYSIS_STYLES",
     "ColdStartData",
+    "analysis_text",
     "build_cold_start",
     "cold_start_rows",
     "construction_example",
     "sft_batch",
     "tokenize_pairs",
 ]
+
+
+ANALYSIS_STYLES = ("step", "walk")
+
+
+def analysis_text(question: str, wrong: str, step: int, style: str = "step") -> str:
+    """The oracle's analysis of ``wrong``'s first error at line ``step`` (0-based).
+
+    - ``step``: ``Step k: kind.`` -- the erroneous step named in one go;
+    - ``walk``: ``Step 1 ok. Step 2 ok. ... Step k: kind.`` -- every step before it checked in
+      order, so a model that writes it decides one line at a time whether this is the error."""
+    if style not in ANALYSIS_STYLES:
+        raise ValueError(f"analysis style must be one of {ANALYSIS_STYLES}, got {style!r}")
+    named = f"Step {step + 1}: {ANALYSIS_PHRASES[classify_error(question, wrong, step)]}."
+    if style == "step":
+        return named
+    return " ".join([f"Step {i + 1} ok." for i in range(step)] + [named])
 
 
 @dataclass
@@ -50,17 +70,18 @@ class ColdStartData:
 
 
 def construction_example(problem: Problem, slip_text: str, *, style: str = "compact",
-                         mode: str = "micro", shown_reference: str | None = None
-                         ) -> tuple[str, str]:
+                         mode: str = "micro", shown_reference: str | None = None,
+                         analysis: str = "step") -> tuple[str, str]:
     """(synthesis prompt, ``<analysis>..</analysis>\\n<reconstruction>..</reconstruction>``)
-    for an erroneous solution of ``problem``; the oracle locates and names the error. The prompt
-    shows ``shown_reference`` (default: the correct solution) as the reference; the target
-    always continues with the correct solution."""
+    for an erroneous solution of ``problem``; the oracle locates and names the error (in the
+    :func:`analysis_text` style ``analysis``). The prompt shows ``shown_reference`` (default:
+    the correct solution) as the reference; the target always continues with the correct
+    solution."""
     q, ref = problem.question, problem.solution
     step = first_error_step(q, slip_text)
     if step is None:
         raise ValueError(f"the erroneous solution of {q!r} has no error:\n{slip_text}")
-    analysis = f"Step {step + 1}: {ANALYSIS_PHRASES[classify_error(q, slip_text, step)]}."
+    text = analysis_text(q, slip_text, step, analysis)
     if mode == "micro":
         recon = rule_construct(slip_text, ref, reflect=reflection_phrase)
         if recon is None:
@@ -70,7 +91,7 @@ def construction_example(problem: Problem, slip_text: str, *, style: str = "comp
     else:
         raise ValueError(f"cold-start construction mode must be micro or full, got {mode!r}")
     prompt = build_synthesis_prompt(q, slip_text, shown_reference or ref, style=style, mode=mode)
-    return prompt, format_construction(analysis, recon)
+    return prompt, format_construction(text, recon)
 
 
 def build_cold_start(
@@ -81,6 +102,7 @@ def build_cold_start(
     style: str = "compact",
     mode: str = "micro",
     reference_slip_fraction: float = 0.0,
+    analysis: str = "step",
 ) -> ColdStartData:
     """Solutions for every problem plus construction examples, so that constructions make up
     ``construction_fraction`` of all examples (1.0: constructions only, one per problem).
@@ -90,7 +112,10 @@ def build_cold_start(
     step) instead of the correct solution: when the reference is always the clean solution,
     its lines before the error equal the wrong response's, and a model that copies the prefix
     from the reference is never corrected; at RL time the policy's correct responses often
-    differ from the wrong one before its error."""
+    differ from the wrong one before its error. ``analysis`` is the construction targets'
+    analysis style (:func:`analysis_text`)."""
+    if analysis not in ANALYSIS_STYLES:
+        raise ValueError(f"analysis style must be one of {ANALYSIS_STYLES}, got {analysis!r}")
     if not 0.0 <= reference_slip_fraction <= 1.0:
         raise ValueError("reference_slip_fraction must be in [0, 1], "
                          f"got {reference_slip_fraction}")
@@ -120,7 +145,7 @@ def build_cold_start(
         if reference_slip_fraction > 0 and ref_rng.random() < reference_slip_fraction:
             shown = compensated_reference(p, ref_rng)
         data.constructions.append(construction_example(p, slip.text, style=style, mode=mode,
-                                                       shown_reference=shown))
+                                                       shown_reference=shown, analysis=analysis))
     return data
 
 

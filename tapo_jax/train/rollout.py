@@ -199,6 +199,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
                   for w, r in zip(wrongs, refs)]
         parsed_ok = [x is not None for x in recons]
         reasons = ["ok" if ok else "no_divergence" for ok in parsed_ok]
+        analyses = [None] * len(recons)  # the rule constructor writes no analysis
     else:
         prompts = [synthesis.build_synthesis_prompt(q, w, r, style=style, mode=rl.construction)
                    for q, w, r in zip(questions, wrongs, refs)]
@@ -214,6 +215,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
         outs = [decode(tokenizer, g[0].tokens) for g in gens]
         parsed = [synthesis.parse_construction(o) for o in outs]
         recons = [p.reconstruction if p.ok else None for p in parsed]
+        analyses = [p.analysis if p.ok else None for p in parsed]
         parsed_ok = [p.ok for p in parsed]
         reasons = [p.reason for p in parsed]
         if outs:
@@ -241,7 +243,7 @@ def _construct(out: Collected, ids, texts, rewards, recs, *, cfg, tokenizer, ste
     checks = []
     if cfg.data.kind == "arithmetic":  # the task's oracle judges each reconstruction
         checks = [diagnostics.check_construction(recs[sel.pairs[i].query].prompt, wrongs[i],
-                                                 recons[i], float(rw))
+                                                 recons[i], float(rw), analyses[i])
                   for i, rw in zip(keep, r_rew)]
     report = diagnostics.construction_report(len(sel.pairs), len(keep), checks)
     if not checks:

@@ -53,7 +53,7 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
     data = sft_examples.build_cold_start(
         problems, seed=cfg.train.seed, construction_fraction=cs.construction_fraction,
         style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode,
-        reference_slip_fraction=cs.reference_slip_fraction)
+        reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis)
     return sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
                                         chat=cfg.data.chat_template)
 
