@@ -606,6 +606,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(c.num_problems >= 0, source, "cold_start.num_problems", "must be >= 0")
     _require(0 <= c.reference_slip_fraction <= 1, source, "cold_start.reference_slip_fraction",
              "must be in [0, 1]")
+    _require(c.analysis == "step" or (cfg.data.kind == "arithmetic" and c.data_path is None),
+             source, "cold_start.analysis", f"{c.analysis!r} writes the arithmetic task's "
+             "construction examples: it needs data.kind: arithmetic and no cold_start.data_path")
     _require(c.target_pass1 is None or 0 < c.target_pass1 <= 1, source, "cold_start.target_pass1",
              f"must be in (0, 1] or null, got {c.target_pass1}")
     for key in ("check_every", "check_problems", "check_samples", "length_quantum"):
