@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     step_right = diverge_at_error = 0
     examples: dict[str, list] = collections.defaultdict(list)
     for (q, w, r), o, c in zip(pairs, outs, parsed):
-        err = A.first_error_step(q.question, w)
         diverge_at_error += D.reference_clean_to_error(q.question, w, r)
         if not c.ok:
             key = "unparsed"
@@ -117,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             chk = D.check_construction(q.question, w, c.reconstruction,
                                        float(r_rew[len(checks)]), c.analysis)
             checks.append(chk)
-            named = D.analysis_error_step(c.analysis)
-            step_right += named is not None and err is not None and named - 1 == err
+            step_right += chk.analysis_at_error is True  # None: no error to name
             key = chk.placement
             if key == "at_error":
                 key += "/verbatim" if chk.verbatim_prefix else "/prefix_altered"
