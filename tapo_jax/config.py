@@ -221,8 +221,10 @@ class ColdStartConfig:
     reference_slip_fraction: float = 0.0
     # arithmetic task: the construction examples' analysis. "step" names the erroneous step
     # ("Step 3: sign error."); "walk" checks every step before it first ("Step 1 ok. Step 2 ok.
-    # Step 3: sign error."), one decision per line instead of the step number in one token
-    analysis: Literal["step", "walk"] = "step"
+    # Step 3: sign error."), one decision per line instead of the step number in one token;
+    # "compare" first writes each line's value in the wrong response and in the reference side
+    # by side ("1. 17 | 17", "2. 24 | 24", "3. 10 | 9", then "Step 3: sign error.")
+    analysis: Literal["step", "walk", "compare"] = "step"
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
     # Each batch is drawn from one length group (examples padded to a multiple of

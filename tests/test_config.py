@@ -47,6 +47,7 @@ def write(tmp_path):
     ("cold_start:\n  check_from: -1\n", "cold_start.check_from"),
     ("cold_start:\n  analysis: quote\n", "cold_start.analysis"),
     ("data:\n  kind: file\n  path: x.jsonl\ncold_start:\n  analysis: walk\n", "cold_start.analysis"),
+    ("cold_start:\n  analysis: compare\n  data_path: x.jsonl\n", "cold_start.analysis"),
     ("cold_start:\n  length_quantum: 0\n", "cold_start.length_quantum"),
     ("sampling:\n  construction_draft_tokens: -2\n", "sampling.construction_draft_tokens"),
 ])

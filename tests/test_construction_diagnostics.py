@@ -64,6 +64,7 @@ def test_reference_clean_to_error(reference, clean):
     ("Step 2: arithmetic error.", 2),
     ("Step 1 ok. Step 2 ok. Step 3: sign error.", 3),  # the walk: the last named step
     ("Step 1 ok. Step 2 ok.", None),  # checks steps but names no error
+    ("1. 19 | 19\n2. 27 | 14\nStep 2: sign error.", 2),  # the compare analysis
     ("the second line", None),
     ("Step 12: wrong answer.", 12),
 ])

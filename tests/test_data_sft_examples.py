@@ -12,6 +12,7 @@ from tapo_jax.data.sft_examples import (
     build_cold_start,
     cold_start_rows,
     construction_example,
+    line_results,
     sft_batch,
 )
 from tapo_jax.construction.synthesis import build_synthesis_prompt, parse_construction, prefix_check
@@ -75,6 +76,57 @@ def test_walk_analysis_checks_each_step_before_the_error(problems):
         assert analysis_error_step(a1.analysis) == analysis_error_step(a0.analysis) == k + 1
         depths.add(k)
     assert len(depths) >= 2  # errors at several depths were walked to
+
+
+def test_compare_analysis_by_hand():
+    q = "Compute 20 - 1 - 8."
+    wrong = "20 - 1 = 19\n19 - 8 = 27\n\\boxed{27}"
+    clean = "20 - 1 = 19\n19 - 8 = 11\n\\boxed{11}"
+    slipped = "20 - 1 = 18\n18 - 8 = 11\n\\boxed{11}"  # a cancelled slip at line 1
+    assert line_results(wrong) == ["19", "27"]
+    assert line_results("a\n\n3 + 4 = 7\n\\boxed{7}") == ["-", "7"]
+    assert A.first_error_step(q, wrong) == 1
+    assert analysis_text(q, wrong, 1, "compare", reference=clean) == (
+        "1. 19 | 19\n2. 27 | 11\nStep 2: sign error.")
+    # the verdict stays the oracle's: the reference's own slip makes line 1 differ too
+    assert analysis_text(q, wrong, 1, "compare", reference=slipped) == (
+        "1. 19 | 18\n2. 27 | 11\nStep 2: sign error.")
+    # a reference with fewer lines than the wrong response
+    assert analysis_text(q, wrong, 1, "compare", reference="20 - 1 = 19") == (
+        "1. 19 | 19\n2. 27 | -\nStep 2: sign error.")
+    with pytest.raises(ValueError, match="reference"):
+        analysis_text(q, wrong, 1, "compare")
+
+
+def test_compare_analysis_writes_both_values_before_the_verdict(problems):
+    step = build_cold_start(problems, seed=4, construction_fraction=0.5,
+                            reference_slip_fraction=0.25)
+    comp = build_cold_start(problems, seed=4, construction_fraction=0.5,
+                            reference_slip_fraction=0.25, analysis="compare")
+    assert len(comp.constructions) == len(step.constructions) > 0
+    assert comp.solutions == step.solutions
+    first_diff_is_error = slipped_refs = 0
+    for (p0, t0), (p1, t1) in zip(step.constructions, comp.constructions):
+        assert p1 == p0  # same prompts (question, wrong response, shown reference)
+        a0, a1 = parse_construction(t0), parse_construction(t1)
+        assert a1.ok and a1.reconstruction == a0.reconstruction  # only the analysis differs
+        q = p0.split("\n")[1].removeprefix("Q: ")
+        wrong = p0.split("Wrong:\n")[1].split("\nRef:")[0]
+        ref = p0.split("Ref:\n")[1]
+        k = A.first_error_step(q, wrong)
+        rows = a1.analysis.split("\n")
+        assert rows[-1] == a0.analysis and len(rows) == k + 2
+        w, r = line_results(wrong), line_results(ref)
+        for i, row in enumerate(rows[:-1]):
+            assert row == f"{i + 1}. {w[i]} | {r[i]}"
+        assert analysis_error_step(a1.analysis) == k + 1
+        differ = [i for i in range(k + 1) if w[i] != r[i]]
+        if A.first_error_step(q, ref) is None:  # a clean reference: first difference = error
+            assert differ[0] == k
+            first_diff_is_error += 1
+        else:
+            slipped_refs += 1
+    assert first_diff_is_error > 0 and slipped_refs > 0
 
 
 def test_analysis_style_is_checked(problems):

@@ -4,7 +4,9 @@
 2. Trajectory-construction examples: the synthesis prompt (question, an erroneous solution with
    one realistic slip, the correct solution as reference; built by construction.synthesis,
    exactly as the RL loop builds it) -> ``<analysis>Step k: kind.</analysis>`` (or, with
-   ``analysis="walk"``, ``<analysis>Step 1 ok. ... Step k: kind.</analysis>``) and a
+   ``analysis="walk"``, ``<analysis>Step 1 ok. ... Step k: kind.</analysis>``; with
+   ``analysis="compare"``, each line's result in the wrong response and in the reference written
+   side by side first, ``1. 17 | 17`` ... ``3. 10 | 9``, then ``Step 3: kind.``) and a
    ``<reconstruction>`` that keeps the erroneous lines verbatim up to and including the wrong
    step, reflects ("Wait, 85 - 19 = 66, not 67.") and continues correctly to the answer. Mode
    ``full`` (ablation) targets the whole correct solution instead.
@@ -41,26 +43,53 @@ __all__ = [
     "build_cold_start",
     "cold_start_rows",
     "construction_example",
+    "line_results",
     "sft_batch",
     "tokenize_pairs",
 ]
 
 
-ANALYSIS_STYLES = ("step", "walk")
+ANALYSIS_STYLES = ("step", "walk", "compare")
 
 
-def analysis_text(question: str, wrong: str, step: int, style: str = "step") -> str:
+def line_results(solution: str) -> list[str]:
+    """The value each step line of a solution arrives at (the text after its last `` = ``;
+    ``-`` for a line without one), ``\boxed{}`` and blank lines left out."""
+    out = []
+    for line in solution.split("\n"):
+        line = line.strip()
+        if not line or line.startswith("\\boxed"):
+            continue
+        out.append(line.rsplit(" = ", 1)[1].strip() if " = " in line else "-")
+    return out
+
+
+def analysis_text(question: str, wrong: str, step: int, style: str = "step",
+                  reference: str | None = None) -> str:
     """The oracle's analysis of ``wrong``'s first error at line ``step`` (0-based).
 
     - ``step``: ``Step k: kind.`` -- the erroneous step named in one go;
     - ``walk``: ``Step 1 ok. Step 2 ok. ... Step k: kind.`` -- every step before it checked in
-      order, so a model that writes it decides one line at a time whether this is the error."""
+      order, so a model that writes it decides one line at a time whether this is the error;
+    - ``compare``: one line per step up to the error with the value the wrong response and the
+      shown ``reference`` reach there (``2. 24 | 24``; ``-`` where the reference has no such
+      line), then ``Step k: kind.``. The verdict is still the oracle's, so after a reference's
+      own cancelled slip the two values differ on lines the wrong response has right; with a
+      clean reference the first differing line is the error, and the model that writes it
+      decides by comparing two numbers next to each other."""
     if style not in ANALYSIS_STYLES:
         raise ValueError(f"analysis style must be one of {ANALYSIS_STYLES}, got {style!r}")
     named = f"Step {step + 1}: {ANALYSIS_PHRASES[classify_error(question, wrong, step)]}."
     if style == "step":
         return named
-    return " ".join([f"Step {i + 1} ok." for i in range(step)] + [named])
+    if style == "walk":
+        return " ".join([f"Step {i + 1} ok." for i in range(step)] + [named])
+    if reference is None:
+        raise ValueError("the compare analysis needs the reference the prompt shows")
+    w, r = line_results(wrong), line_results(reference)
+    rows = [f"{i + 1}. {w[i] if i < len(w) else '-'} | {r[i] if i < len(r) else '-'}"
+            for i in range(step + 1)]
+    return "\n".join(rows + [named])
 
 
 @dataclass
@@ -81,7 +110,7 @@ def construction_example(problem: Problem, slip_text: str, *, style: str = "comp
     step = first_error_step(q, slip_text)
     if step is None:
         raise ValueError(f"the erroneous solution of {q!r} has no error:\n{slip_text}")
-    text = analysis_text(q, slip_text, step, analysis)
+    text = analysis_text(q, slip_text, step, analysis, reference=shown_reference or ref)
     if mode == "micro":
         recon = rule_construct(slip_text, ref, reflect=reflection_phrase)
         if recon is None:
