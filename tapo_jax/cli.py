@@ -198,5 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The ``tapo-jax`` command (and ``python -m tapo_jax.cli``): :func:`main` in a process
+    whose malloc uses transparent huge pages (tapo_jax.hostmem)."""
+    from tapo_jax.hostmem import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
