@@ -57,23 +57,34 @@ def test_construction_targets_keep_the_wrong_prefix_and_recover(problems):
         assert A.trace_response(q, p.reconstruction).recovered
 
 
-def test_walk_analysis_checks_each_step_before_the_error(problems):
+def _against_step(problems, analysis):
+    """(question, wrong, shown reference, step analysis, other analysis) per construction
+    example of the same seed built in both styles, after checking that only the analysis
+    text differs between them."""
     step = build_cold_start(problems, seed=4, construction_fraction=0.5,
                             reference_slip_fraction=0.25)
-    walk = build_cold_start(problems, seed=4, construction_fraction=0.5,
-                            reference_slip_fraction=0.25, analysis="walk")
-    assert len(walk.constructions) == len(step.constructions) > 0
-    assert walk.solutions == step.solutions
-    depths = set()
-    for (p0, t0), (p1, t1) in zip(step.constructions, walk.constructions):
+    other = build_cold_start(problems, seed=4, construction_fraction=0.5,
+                             reference_slip_fraction=0.25, analysis=analysis)
+    assert len(other.constructions) == len(step.constructions) > 0
+    assert other.solutions == step.solutions
+    out = []
+    for (p0, t0), (p1, t1) in zip(step.constructions, other.constructions):
         assert p1 == p0  # same prompts (question, wrong response, shown reference)
         a0, a1 = parse_construction(t0), parse_construction(t1)
         assert a1.ok and a1.reconstruction == a0.reconstruction  # only the analysis differs
         q = p0.split("\n")[1].removeprefix("Q: ")
-        k = A.first_error_step(q, p0.split("Wrong:\n")[1].split("\nRef:")[0])
+        wrong = p0.split("Wrong:\n")[1].split("\nRef:")[0]
+        out.append((q, wrong, p0.split("Ref:\n")[1], a0.analysis, a1.analysis))
+    return out
+
+
+def test_walk_analysis_checks_each_step_before_the_error(problems):
+    depths = set()
+    for q, wrong, _, a0, a1 in _against_step(problems, "walk"):
+        k = A.first_error_step(q, wrong)
         oks = "".join(f"Step {i + 1} ok. " for i in range(k))
-        assert a1.analysis == oks + a0.analysis  # "Step 1 ok. ... Step k+1: kind."
-        assert analysis_error_step(a1.analysis) == analysis_error_step(a0.analysis) == k + 1
+        assert a1 == oks + a0  # "Step 1 ok. ... Step k+1: kind."
+        assert analysis_error_step(a1) == analysis_error_step(a0) == k + 1
         depths.add(k)
     assert len(depths) >= 2  # errors at several depths were walked to
 
@@ -99,27 +110,15 @@ def test_compare_analysis_by_hand():
 
 
 def test_compare_analysis_writes_both_values_before_the_verdict(problems):
-    step = build_cold_start(problems, seed=4, construction_fraction=0.5,
-                            reference_slip_fraction=0.25)
-    comp = build_cold_start(problems, seed=4, construction_fraction=0.5,
-                            reference_slip_fraction=0.25, analysis="compare")
-    assert len(comp.constructions) == len(step.constructions) > 0
-    assert comp.solutions == step.solutions
     first_diff_is_error = slipped_refs = 0
-    for (p0, t0), (p1, t1) in zip(step.constructions, comp.constructions):
-        assert p1 == p0  # same prompts (question, wrong response, shown reference)
-        a0, a1 = parse_construction(t0), parse_construction(t1)
-        assert a1.ok and a1.reconstruction == a0.reconstruction  # only the analysis differs
-        q = p0.split("\n")[1].removeprefix("Q: ")
-        wrong = p0.split("Wrong:\n")[1].split("\nRef:")[0]
-        ref = p0.split("Ref:\n")[1]
+    for q, wrong, ref, a0, a1 in _against_step(problems, "compare"):
         k = A.first_error_step(q, wrong)
-        rows = a1.analysis.split("\n")
-        assert rows[-1] == a0.analysis and len(rows) == k + 2
+        rows = a1.split("\n")
+        assert rows[-1] == a0 and len(rows) == k + 2
         w, r = line_results(wrong), line_results(ref)
         for i, row in enumerate(rows[:-1]):
             assert row == f"{i + 1}. {w[i]} | {r[i]}"
-        assert analysis_error_step(a1.analysis) == k + 1
+        assert analysis_error_step(a1) == k + 1
         differ = [i for i in range(k + 1) if w[i] != r[i]]
         if A.first_error_step(q, ref) is None:  # a clean reference: first difference = error
             assert differ[0] == k
