@@ -1,9 +1,9 @@
 """Host memory: start the command-line process with glibc's malloc on transparent huge pages.
 
 XLA:CPU allocates each execution's temporaries afresh: 350 MB for the demo's cold-start step at
-32 x 128 tokens. glibc serves any allocation above 32 MB with its own ``mmap`` and unmaps it on
-``free``, so every step faults those pages back in, 4 KB at a time (about 85,000 faults and
-0.17 s of kernel time per step there; ``benchmarks/bench_host_malloc.py``). glibc 2.35 and newer
+32 x 128 tokens. Under glibc's defaults they come back from the kernel as fresh 4 KB pages every
+step (about 85,000 faults and 0.17 s of kernel time per step there; ``benchmarks/
+bench_cold_start.py``, case ``unpacked_q32_hugepages``). glibc 2.35 and newer
 take the tunable ``glibc.malloc.hugetlb=1``, which asks the kernel for transparent huge pages
 for malloc's memory (2 MB pages where the kernel's ``transparent_hugepage`` setting is
 ``madvise`` or ``always``): the same step then takes under a thousand faults, and the demo's
