@@ -225,6 +225,11 @@ class ColdStartConfig:
     # "compare" first writes each line's value in the wrong response and in the reference side
     # by side ("1. 17 | 17", "2. 24 | 24", "3. 10 | 9", then "Step 3: sign error.")
     analysis: Literal["step", "walk", "compare"] = "step"
+    # arithmetic task: the loss weight of the construction targets' decision tokens, the few
+    # tokens where a target places the error (the analysis's step number, and each line start of
+    # the reconstruction up to its reflection: tapo_jax.data.sft_examples.decision_offsets);
+    # every other token weighs 1 and the loss is still divided by the token count
+    decision_weight: float = 1.0
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
     # Each batch is drawn from one length group (examples padded to a multiple of
@@ -611,6 +616,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(c.analysis == "step" or (cfg.data.kind == "arithmetic" and c.data_path is None),
              source, "cold_start.analysis", f"{c.analysis!r} writes the arithmetic task's "
              "construction examples: it needs data.kind: arithmetic and no cold_start.data_path")
+    _require(c.decision_weight > 0, source, "cold_start.decision_weight",
+             f"must be > 0, got {c.decision_weight}")
+    _require(c.decision_weight == 1.0 or (cfg.data.kind == "arithmetic" and c.data_path is None),
+             source, "cold_start.decision_weight", "weights the arithmetic task's construction "
+             "examples: it needs data.kind: arithmetic and no cold_start.data_path")
     _require(c.target_pass1 is None or 0 < c.target_pass1 <= 1, source, "cold_start.target_pass1",
              f"must be in (0, 1] or null, got {c.target_pass1}")
     for key in ("check_every", "check_problems", "check_samples", "length_quantum"):

@@ -49,6 +49,8 @@ def write(tmp_path):
     ("data:\n  kind: file\n  path: x.jsonl\ncold_start:\n  analysis: walk\n", "cold_start.analysis"),
     ("cold_start:\n  analysis: compare\n  data_path: x.jsonl\n", "cold_start.analysis"),
     ("cold_start:\n  length_quantum: 0\n", "cold_start.length_quantum"),
+    ("cold_start:\n  decision_weight: 0\n", "cold_start.decision_weight"),
+    ("cold_start:\n  decision_weight: 4\n  data_path: x.jsonl\n", "cold_start.decision_weight"),
     ("sampling:\n  construction_draft_tokens: -2\n", "sampling.construction_draft_tokens"),
 ])
 def test_bad_value_names_key_and_file(write, text, key):

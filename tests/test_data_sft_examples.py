@@ -11,9 +11,13 @@ from tapo_jax.data.sft_examples import (
     analysis_text,
     build_cold_start,
     cold_start_rows,
+    cold_start_decisions,
     construction_example,
+    decision_offsets,
+    decision_token_indices,
     line_results,
     sft_batch,
+    weight_tokens,
 )
 from tapo_jax.construction.synthesis import build_synthesis_prompt, parse_construction, prefix_check
 
@@ -204,3 +208,74 @@ def test_reference_slips_change_the_shown_reference_only(problems, fraction):
         assert changed == n
     else:
         assert 0.3 * n < changed < 0.7 * n
+
+
+_TARGET = {  # one problem's construction target in each analysis style (error at line 2)
+    "step": "<analysis>Step 2: skipped step.</analysis>\n<reconstruction>16 - 1 = 15\n"
+            "15 + 18 = 33\nWait, it should be 15 - 3 = 12.\n12 + 18 = 30\n\\boxed{30}"
+            "</reconstruction>",
+    "walk": "<analysis>Step 1 ok. Step 2: skipped step.</analysis>\n<reconstruction>16 - 1 = 15"
+            "\n15 + 18 = 33\nWait, it should be 15 - 3 = 12.\n12 + 18 = 30\n\\boxed{30}"
+            "</reconstruction>",
+    "compare": "<analysis>1. 15 | 15\n2. 33 | 12\nStep 2: skipped step.</analysis>\n"
+               "<reconstruction>16 - 1 = 15\n15 + 18 = 33\nWait, it should be 15 - 3 = 12.\n"
+               "12 + 18 = 30\n\\boxed{30}</reconstruction>",
+}
+
+
+@pytest.mark.parametrize("style, heads", [
+    ("step", ["2: skipped", "15 + 18", "Wait, it"]),
+    ("walk", [" ok. Step 2", ": skipped", "15 + 18", "Wait, it"]),
+    ("compare", ["2. 33 | 12", "Step 2:", "15 + 18", "Wait, it"]),
+])
+def test_decision_offsets_by_hand(style, heads):
+    t = _TARGET[style]
+    offs = decision_offsets(t, style)
+    assert [t[o:o + len(h)] for o, h in zip(offs, heads)] == heads and len(offs) == len(heads)
+    # no reflection (a full reconstruction): the analysis's decisions only
+    full = t.split("<reconstruction>")[0] + "<reconstruction>16 - 1 = 15\n</reconstruction>"
+    assert decision_offsets(full, style) == offs[:len(heads) - 2]
+    with pytest.raises(ValueError, match="analysis style"):
+        decision_offsets(t, "guess")
+
+
+def test_decision_tokens_are_the_tokens_at_the_offsets(tok):
+    t = _TARGET["step"]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    idx, dropped = decision_token_indices(t, enc, "step")
+    assert dropped == 0
+    ids = enc(t)
+    assert [tok.decode([ids[i]]) for i in idx] == ["2", "1", "Wait, "]  # "Wait, " is one token
+
+    # a tokenizer that merges across a decision offset: that decision is dropped, not misplaced
+    def merging(s):
+        out, i = [], 0
+        while i < len(s):
+            n = 2 if s.startswith("\n1", i) else 1
+            out.append(hash(s[i:i + n]) % 1000)
+            i += n
+        return out
+
+    idx2, dropped2 = decision_token_indices(t, merging, "step")
+    assert dropped2 == 1 and len(idx2) == 2
+
+
+def test_weighted_decisions_land_on_their_tokens(problems, tok):
+    d = build_cold_start(problems[:6], seed=4, construction_fraction=0.5)
+    examples = cold_start_rows(d, tok)
+    decisions, dropped = cold_start_decisions(d, tok)
+    assert dropped == 0 and len(decisions) == len(examples) == 12
+    assert all(not x for x in decisions[:6]) and all(len(x) >= 2 for x in decisions[6:])
+    batch, _ = sft_batch(examples, pad_id=tok.pad_token_id, length_buckets=(256,))
+    lm = weight_tokens(batch.loss_mask, decisions, 7.0)
+    tokens = np.asarray(batch.tokens)
+    for b, ((_, target), dec) in enumerate(zip(d.solutions + d.constructions, decisions)):
+        heavy = tokens[b][lm[b] == 7.0].tolist()
+        assert len(heavy) == len(dec)
+        offs = decision_offsets(target) if dec else []
+        assert len(offs) == len(heavy)
+        for o, t_id in zip(offs, heavy):  # each weighted token is the one starting there
+            assert target[o:].startswith(tok.decode([t_id]))
+        # every other trained token keeps weight 1; the mask's support is unchanged
+        assert ((lm[b] > 0) == (np.asarray(batch.loss_mask)[b] > 0)).all()
+        assert set(np.unique(lm[b][lm[b] > 0])) <= {1.0, 7.0}

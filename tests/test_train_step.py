@@ -229,6 +229,34 @@ def test_sft_loss_is_token_mean_nll(setup):
     assert float(m["learning_rate"]) == 0.0 and float(m["grad_norm"]) > 0
 
 
+def test_sft_loss_weights_tokens_and_divides_by_their_count(setup):
+    """A loss_mask with weights (cold_start.decision_weight): the loss is sum(w * nll) over the
+    trained tokens divided by their count, not by the sum of weights."""
+    cfg, mesh8, _, graphdef, state8, _ = setup
+    batch = make_batch(seed=2)
+    lm = np.asarray(batch.loss_mask, np.float32).copy()
+    rng = np.random.default_rng(0)
+    on = lm > 0
+    lm[on] = np.where(rng.random(on.sum()) < 0.3, 5.0, 1.0)
+    weighted = batch.replace(loss_mask=lm)
+    logits = numpy_logits(graphdef, state8.params, batch)
+    step = make_train_step(graphdef, cfg, mesh8, kind="sft", chunk_size=CHUNK, donate=False)
+    _, m = step(state8, place_batch(weighted, mesh8))
+    total, count = 0.0, 0
+    for b in range(B):
+        if batch.row_mask[b] == 0:
+            continue
+        for t in range(1, T):
+            if lm[b, t] > 0:
+                z = logits[b, t - 1]
+                lse = z.max() + np.log(np.exp(z - z.max()).sum())
+                total += lm[b, t] * (lse - z[batch.tokens[b, t]])
+                count += 1
+    assert (lm[np.asarray(batch.row_mask) > 0] == 5.0).any()
+    np.testing.assert_allclose(float(m["loss"]), total / count, rtol=1e-5)
+    assert float(m["num_tokens"]) == count
+
+
 def test_opsd_teacher_equal_to_student_gives_zero(setup):
     """The teacher row is the student row shifted right behind masked padding: with correct
     alignment teacher and student distributions coincide, so loss and gradient are ~0; a

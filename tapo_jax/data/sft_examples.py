@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import re
+
 import numpy as np
 
 from tapo_jax.data.arithmetic import (
@@ -32,6 +34,7 @@ from tapo_jax.data.arithmetic import (
     make_slip,
     reflection_phrase,
 )
+from tapo_jax.construction.diagnostics import reflection_line_index
 from tapo_jax.data.datasets import format_prompt
 from tapo_jax.data.batching import Row, build_train_batch
 from tapo_jax.construction.synthesis import build_synthesis_prompt, format_construction, rule_construct
@@ -41,11 +44,15 @@ __all__ = [
     "ColdStartData",
     "analysis_text",
     "build_cold_start",
+    "cold_start_decisions",
     "cold_start_rows",
     "construction_example",
+    "decision_offsets",
+    "decision_token_indices",
     "line_results",
     "sft_batch",
     "tokenize_pairs",
+    "weight_tokens",
 ]
 
 
@@ -90,6 +97,73 @@ def analysis_text(question: str, wrong: str, step: int, style: str = "step",
     rows = [f"{i + 1}. {w[i] if i < len(w) else '-'} | {r[i] if i < len(r) else '-'}"
             for i in range(step + 1)]
     return "\n".join(rows + [named])
+
+
+_ANALYSIS = ("<analysis>", "</analysis>")
+_RECON = ("<reconstruction>", "</reconstruction>")
+_VERDICT_STEP = re.compile(r"Step (\d+):")
+_WALK_STEP = re.compile(r"Step \d+(?=[ :])")
+
+
+def _between(text: str, tags: tuple[str, str]) -> tuple[int, str] | None:
+    start = text.find(tags[0])
+    if start < 0:
+        return None
+    start += len(tags[0])
+    end = text.find(tags[1], start)
+    return (start, text[start:end]) if end >= 0 else None
+
+
+def decision_offsets(target: str, analysis: str = "step") -> list[int]:
+    """Character offsets in a construction target (:func:`format_construction`) where the
+    target decides *where the first error is*, the decision the verbatim-prefix rate scores:
+
+    - in the analysis, ``step``: the number of the verdict ``Step k:``; ``walk``: the character
+      after each ``Step i`` (`` ok.`` passes the step, ``:`` names it); ``compare``: the start of
+      each line after the first (the next pair, or the verdict after a pair that differs);
+    - in the reconstruction: the start of each line after the first up to and including the
+      reflection line (copy the wrong response's next line, or reflect here).
+
+    A ``full`` reconstruction (no reflection line) contributes none. Sorted, without repeats."""
+    if analysis not in ANALYSIS_STYLES:
+        raise ValueError(f"analysis style must be one of {ANALYSIS_STYLES}, got {analysis!r}")
+    out: list[int] = []
+    part = _between(target, _ANALYSIS)
+    if part is not None:
+        a0, text = part
+        if analysis == "step":
+            found = list(_VERDICT_STEP.finditer(text))
+            if found:
+                out.append(a0 + found[-1].start(1))
+        elif analysis == "walk":
+            out += [a0 + m.end() for m in _WALK_STEP.finditer(text)]
+        else:
+            out += [a0 + m.end() for m in re.finditer("\n", text)]
+    part = _between(target, _RECON)
+    if part is not None:
+        r0, text = part
+        lines = text.split("\n")
+        k = reflection_line_index(lines)
+        if k is not None:
+            starts = np.cumsum([0] + [len(ln) + 1 for ln in lines[:-1]])
+            out += [r0 + int(starts[i]) for i in range(1, k + 1)]
+    return sorted(set(out))
+
+
+def decision_token_indices(target: str, encode: Any, analysis: str = "step"
+                           ) -> tuple[list[int], int]:
+    """Token indices in ``encode(target)`` of the :func:`decision_offsets`: the token that starts
+    at each offset. An offset is kept only where ``encode`` of the text before it is a prefix of
+    ``encode(target)`` that ends there (a token boundary); returns (indices, offsets dropped)."""
+    whole = list(encode(target))
+    out, dropped = [], 0
+    for c in decision_offsets(target, analysis):
+        head = list(encode(target[:c])) if c else []
+        if len(head) < len(whole) and whole[:len(head)] == head:
+            out.append(len(head))
+        else:
+            dropped += 1
+    return out, dropped
 
 
 @dataclass
@@ -201,6 +275,38 @@ def cold_start_rows(data: ColdStartData, tokenizer: Any, *, prompt_template: str
     prompts are used as they are (as in the RL loop)."""
     return (tokenize_pairs(data.solutions, tokenizer, template=prompt_template, chat=chat)
             + tokenize_pairs(data.constructions, tokenizer, chat=chat))
+
+
+def cold_start_decisions(data: ColdStartData, tokenizer: Any, analysis: str = "step"
+                         ) -> tuple[list[list[int]], int]:
+    """Per example of :func:`cold_start_rows` (same order), the response-token indices of its
+    decisions (:func:`decision_token_indices`; none for solutions), and the number of decision
+    offsets dropped because they fell inside a token."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out: list[list[int]] = [[] for _ in data.solutions]
+    dropped = 0
+    for _, target in data.constructions:
+        idx, d = decision_token_indices(target, encode, analysis)
+        out.append(idx)
+        dropped += d
+    return out, dropped
+
+
+def weight_tokens(loss_mask: np.ndarray, decisions: Sequence[Sequence[int]], weight: float
+                  ) -> np.ndarray:
+    """``loss_mask`` [B, T] (of :func:`sft_batch`) with its rows' decision tokens weighted:
+    row b's k-th trained token gets ``weight`` for each k in ``decisions[b]`` (indices past the
+    row's trained tokens, cut by truncation, are ignored). Rows past ``decisions`` are left."""
+    out = np.array(loss_mask, np.float32, copy=True)
+    for b, idx in enumerate(decisions):
+        if not len(idx):
+            continue
+        cols = np.flatnonzero(out[b] > 0)
+        idx = np.asarray(idx, np.int64)
+        out[b, cols[idx[idx < len(cols)]]] = weight
+    return out
 
 
 def sft_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,

@@ -36,6 +36,13 @@ log = logging.getLogger("tapo_jax")
 def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
                         ) -> list[tuple[list[int], list[int]]]:
     """Tokenised (prompt ids, response ids + eos) pairs of both kinds."""
+    return cold_start_data(cfg, tokenizer, problems)[0]
+
+
+def cold_start_data(cfg: Config, tokenizer: Any, problems: list[Any]
+                    ) -> tuple[list[tuple[list[int], list[int]]], Optional[list[list[int]]]]:
+    """The examples (:func:`cold_start_examples`) and, with ``cold_start.decision_weight`` != 1,
+    each example's decision-token indices (``sft_examples.cold_start_decisions``; else None)."""
     cs = cfg.cold_start
     if cs.data_path is not None:
         rows = read_rows(cs.data_path)
@@ -45,7 +52,7 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
                 raise ConfigError(f"{cs.data_path}: record {i} needs 'prompt' and 'response' "
                                   f"fields (cold_start.data_path)")
             pairs.append((str(r["prompt"]), str(r["response"])))
-        return sft_examples.tokenize_pairs(pairs, tokenizer, chat=cfg.data.chat_template)
+        return sft_examples.tokenize_pairs(pairs, tokenizer, chat=cfg.data.chat_template), None
     if cfg.data.kind != "arithmetic":
         raise ConfigError("cold_start.enabled needs cold_start.data_path (prompt/response "
                           "records) unless data.kind = arithmetic")
@@ -54,8 +61,19 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
         problems, seed=cfg.train.seed, construction_fraction=cs.construction_fraction,
         style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode,
         reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis)
-    return sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
+    rows = sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
                                         chat=cfg.data.chat_template)
+    if cs.decision_weight == 1.0:
+        return rows, None
+    decisions, dropped = sft_examples.cold_start_decisions(data, tokenizer, cs.analysis)
+    n = sum(len(d) for d in decisions)
+    log.info("cold start: %d decision tokens in %d construction examples weighted %g (%d "
+             "decision offsets inside a token left at 1)", n, len(data.constructions),
+             cs.decision_weight, dropped)
+    if n == 0:
+        raise ConfigError("cold_start.decision_weight: no decision token found in the "
+                          "construction examples (the tokenizer splits none at a decision)")
+    return rows, decisions
 
 
 def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokenizer: Any,
@@ -78,7 +96,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         log.warning("cold start: no accuracy check runs before the cap (cold_start.steps %d, "
                     "check_every %d, check_from %d): it runs all %d steps", cs.steps,
                     cs.check_every, cs.check_from, cs.steps)
-    examples = cold_start_examples(cfg, tokenizer, problems)
+    examples, decisions = cold_start_data(cfg, tokenizer, problems)
     if not examples:
         raise ConfigError("cold start: no examples")
     groups = length_groups(examples, quantum=cs.length_quantum)
@@ -103,6 +121,9 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         batch, stats = sft_examples.sft_batch(
             [examples[members[i]] for i in idx], pad_id=pad, length_buckets=(L,),
             row_buckets=(batch_size,), max_len=L)
+        if decisions is not None:
+            batch = batch.replace(loss_mask=sft_examples.weight_tokens(
+                batch.loss_mask, [decisions[members[i]] for i in idx], cs.decision_weight))
         tokens += stats.response_tokens
         if cs.packing:
             batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,

@@ -262,7 +262,10 @@ def _sft_mask(b: TrainBatch) -> jax.Array:
 
 
 def _sft_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperature: float, mesh):
-    total = jnp.maximum(jnp.sum(_sft_mask(full)), 1.0)
+    # loss_mask may weight tokens (cold_start.decision_weight); the loss is the weighted NLL
+    # divided by the number of trained tokens, so weights > 1 add to those tokens' gradient
+    # without scaling down every other token's
+    total = jnp.maximum(jnp.sum((_sft_mask(full) > 0).astype(jnp.float32)), 1.0)
 
     def loss_fn(params, mb: TrainBatch):
         lp, ent = rows_logprobs(graphdef, params, mb.tokens, mb.positions, mb.attention_mask,
@@ -270,8 +273,9 @@ def _sft_loss_fn(graphdef, cfg: Config, full: TrainBatch, chunk: int, temperatur
         mask = _sft_mask(mb)
         on = mask > 0
         nll = -jnp.sum(jnp.where(on, lp, 0.0) * mask)
-        terms = {"nll/sum": jax.lax.stop_gradient(nll), "tokens": jnp.sum(mask),
-                 "entropy/sum": jax.lax.stop_gradient(jnp.sum(jnp.where(on, ent, 0.0) * mask))}
+        terms = {"nll/sum": jax.lax.stop_gradient(nll),
+                 "tokens": jnp.sum(on.astype(jnp.float32)),
+                 "entropy/sum": jax.lax.stop_gradient(jnp.sum(jnp.where(on, ent, 0.0)))}
         return nll / total, terms
 
     def finish(t):

@@ -1,0 +1,144 @@
+"""Does a cold-started policy know *where the first error is*? Teacher-forced accuracy at the
+construction targets' decision tokens.
+
+A construction target decides where the error is at a few tokens only
+(:func:`tapo_jax.data.sft_examples.decision_offsets`): the analysis's step number (or, in the
+``walk`` / ``compare`` styles, each "pass or name this step" token), and in the reconstruction
+the first token of each line up to the reflection ("copy the wrong response's next line" or
+"reflect here"). This script builds fresh construction examples exactly as the cold start
+builds them (``--data-seed`` picks their problems and slips), runs the policy teacher-forced
+over prompt + target, and reports, for the decision tokens and for every other target token,
+the share where the policy's most likely token is the target's (``argmax_acc``) and the mean
+negative log-likelihood, plus the share of examples whose decisions are all right. The analysis
+and reconstruction decisions are also reported apart.
+
+    python benchmarks/decision_accuracy.py --config configs/demo.yaml --checkpoint runs/demo/hf
+    python benchmarks/decision_accuracy.py --checkpoint RUN/hf --examples 512 cold_start.analysis=compare
+
+Prints one JSON line. Needs a checkpoint the config's model can load (an HF export, a run
+directory or a checkpoints directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _encode(tokenizer):
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
+                    batch_size: int = 32) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from tapo_jax.construction.synthesis import resolve_style
+    from tapo_jax.data import sft_examples
+    from tapo_jax.data.arithmetic import cold_start_problems
+    from tapo_jax.models import qwen3
+
+    cs = cfg.cold_start
+    problems = cold_start_problems(cfg.data, data_seed, examples)
+    data = sft_examples.build_cold_start(
+        problems, seed=data_seed, construction_fraction=1.0,
+        style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind),
+        mode="full" if cfg.rl.construction == "full" else "micro",
+        reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis)
+    tok = policy.tokenizer
+    rows = sft_examples.tokenize_pairs(data.constructions, tok, chat=cfg.data.chat_template)
+    encode = _encode(tok)
+    kinds: list[np.ndarray] = []  # per row and target token: 0 other, 1 analysis dec., 2 recon.
+    dropped = 0
+    for (_, target), (_, r_ids) in zip(data.constructions, rows):
+        idx, d = sft_examples.decision_token_indices(target, encode, cs.analysis)
+        dropped += d
+        recon_at = len(encode(target[:target.find("<reconstruction>")]))
+        k = np.zeros(len(r_ids), np.int8)
+        for i in idx:
+            k[i] = 2 if i >= recon_at else 1
+        kinds.append(k)
+
+    @jax.jit
+    def forward(p, tokens, mask):
+        logits = qwen3.apply(policy.graphdef, p, tokens, attention_mask=mask)
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.argmax(lp, -1), lp
+
+    length = max(len(p) + len(r) for p, r in rows)
+    length = -(-length // 32) * 32
+    hit = {0: [], 1: [], 2: []}
+    nll = {0: [], 1: [], 2: []}
+    all_right = []
+    pad = 0
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        toks = np.full((batch_size, length), pad, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for i, (p, r) in enumerate(chunk):
+            seq = list(p) + list(r)
+            toks[i, :len(seq)] = seq
+            mask[i, :len(seq)] = 1
+        am, lp = jax.device_get(forward(params, jnp.asarray(toks), jnp.asarray(mask)))
+        for i, (p, r) in enumerate(chunk):
+            k = kinds[s + i]
+            pos = len(p) - 1 + np.arange(len(r))  # logits at pos predict token pos + 1
+            tgt = np.asarray(r)
+            ok = am[i, pos] == tgt
+            lpt = lp[i, pos, tgt]
+            for kind in (0, 1, 2):
+                sel = k == kind
+                hit[kind] += ok[sel].tolist()
+                nll[kind] += (-lpt[sel]).tolist()
+            if (k > 0).any():
+                all_right.append(bool(ok[k > 0].all()))
+
+    def stats(v_hit, v_nll):
+        return dict(tokens=len(v_hit),
+                    argmax_acc=round(float(np.mean(v_hit)), 4) if v_hit else None,
+                    nll=round(float(np.mean(v_nll)), 4) if v_nll else None)
+
+    return dict(examples=len(rows), analysis_style=cs.analysis, data_seed=data_seed,
+                decision=stats(hit[1] + hit[2], nll[1] + nll[2]),
+                analysis_decision=stats(hit[1], nll[1]),
+                reconstruction_decision=stats(hit[2], nll[2]),
+                other=stats(hit[0], nll[0]),
+                examples_all_decisions_right=(round(float(np.mean(all_right)), 4)
+                                              if all_right else None),
+                decisions_dropped=dropped)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--checkpoint", required=True, help="HF export, run or checkpoints dir")
+    ap.add_argument("--examples", type=int, default=512)
+    ap.add_argument("--data-seed", type=int, default=12345,
+                    help="seed of the examples' problems and slips (not a training seed)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    a = ap.parse_args(argv)
+
+    from tapo_jax.config import load_config
+    from tapo_jax.train.policy import policy_for
+
+    cfg = load_config(a.config, a.overrides)
+    if cfg.data.kind != "arithmetic":
+        raise SystemExit("decision_accuracy: the construction examples are the arithmetic "
+                         "task's (data.kind = arithmetic)")
+    policy, params = policy_for(cfg, a.checkpoint)
+    report = decision_report(policy.cfg, policy, params, examples=a.examples,
+                             data_seed=a.data_seed)
+    report["checkpoint"] = a.checkpoint
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
