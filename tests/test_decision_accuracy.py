@@ -1,0 +1,63 @@
+"""benchmarks/decision_accuracy.py against the training path's teacher-forced log-probs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from tapo_jax.config import load_config
+from tapo_jax.construction.synthesis import resolve_style
+from tapo_jax.data import sft_examples
+from tapo_jax.data.arithmetic import cold_start_problems
+from tapo_jax.train.policy import Policy
+from tapo_jax.train.step import token_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("decision_accuracy",
+                                              ROOT / "benchmarks" / "decision_accuracy.py")
+DA = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(DA)
+
+
+def test_decision_report_equals_the_training_logprobs_at_the_decision_tokens():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["model.preset=tiny"])
+    policy = Policy(cfg)
+    cfg = policy.cfg
+    n, seed = 12, 7
+    rep = DA.decision_report(cfg, policy, policy.params, examples=n, data_seed=seed,
+                             batch_size=8)
+    # independent: the same examples, one unpadded row at a time through token_logprobs
+    data = sft_examples.build_cold_start(
+        cold_start_problems(cfg.data, seed, n), seed=seed, construction_fraction=1.0,
+        style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind),
+        reference_slip_fraction=cfg.cold_start.reference_slip_fraction)
+    rows = sft_examples.tokenize_pairs(data.constructions, policy.tokenizer)
+    encode = lambda t: policy.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    nll = {"a": [], "r": [], "o": []}
+    for (_, target), (p, r) in zip(data.constructions, rows):
+        idx, dropped = sft_examples.decision_token_indices(target, encode)
+        assert dropped == 0
+        recon_at = len(encode(target[:target.find("<reconstruction>")]))
+        # one row, right-padded to a fixed length (causal: the padding changes nothing before)
+        ids = list(p) + list(r)
+        seq = np.zeros((1, 320), np.int32)
+        seq[0, :len(ids)] = ids
+        mask = (np.arange(320) < len(ids)).astype(np.int32)[None]
+        pos = np.arange(320, dtype=np.int32)[None]
+        lp, _ = token_logprobs(policy.graphdef, policy.params, jnp.asarray(seq),
+                               jnp.asarray(pos), jnp.asarray(mask))
+        lp = np.asarray(lp)[0, len(p):]
+        for j in range(len(r)):
+            key = ("r" if j >= recon_at else "a") if j in idx else "o"
+            nll[key].append(-lp[j])
+    assert rep["examples"] == n and rep["decisions_dropped"] == 0
+    assert rep["analysis_decision"]["tokens"] == len(nll["a"]) == n  # one step number each
+    assert rep["reconstruction_decision"]["tokens"] == len(nll["r"]) >= n
+    assert rep["other"]["tokens"] == len(nll["o"])
+    for key, name in (("a", "analysis_decision"), ("r", "reconstruction_decision"),
+                      ("o", "other")):
+        np.testing.assert_allclose(rep[name]["nll"], np.mean(nll[key]), rtol=2e-3, atol=1e-4)
+        assert 0.0 <= rep[name]["argmax_acc"] <= 1.0
