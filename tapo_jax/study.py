@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +252,30 @@ def run_study(spec: StudySpec) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
+def machine_info() -> dict[str, Any]:
+    """Where the study ran: the same commit and seeds have given bit-identical numbers on one
+    machine and different ones on another CPU (XLA:CPU compiles for the host's vector width,
+    likely why), and the machine sets the wall time."""
+    import jax
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = next((x for x in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if x in flags), None)
+    return dict(cpu=cpu, cpu_vector_isa=isa, cpu_count=os.cpu_count(), jax=jax.__version__,
+                backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+                device_count=jax.device_count())
+
+
 def _run_study(spec: StudySpec, out: Path) -> dict:
     (out / "study_spec.json").write_text(json.dumps(spec.__dict__, indent=1))
     t0 = time.time()
@@ -276,6 +302,7 @@ def _run_study(spec: StudySpec, out: Path) -> dict:
         (out / "study.md").write_text(format_report(partial))
     report = summarize(spec, results)
     report["seconds"] = time.time() - t0
+    report["machine"] = machine_info()
     name = "study" if spec.arms else "cold_starts"  # a cold-start-only run keeps the study's
     (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=float))
     md = format_report(report)
@@ -384,6 +411,14 @@ def format_report(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells)
                      + f" | {row['oracle_reflecting_responses']} |")
     ref, metric = spec["reference"], spec["metric"]
+    if report.get("machine"):
+        m = report["machine"]
+        lines += ["", f"Ran on {m['cpu']} ({m['cpu_vector_isa'] or 'no vector ISA read'}, "
+                  f"{m['cpu_count']} cores; jax {m['jax']}, {m['device_count']} "
+                  f"{m['backend']} devices)"
+                  + (f" in {report['seconds'] / 60:.1f} min" if report.get("seconds") else "")
+                  + ". The same commit and seeds repeat their numbers on one machine, not "
+                  "across CPUs (XLA:CPU compiles for the host's vector width)."]
     cold = report["per_seed"]["cold_start"]
     lines += ["", f"Cold start {metric} per seed: "
               + ", ".join(f"seed {s} {100 * cold[s][metric]:.1f}" for s in seeds)

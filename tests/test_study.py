@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 import yaml
 
@@ -56,6 +57,9 @@ def test_study_two_seeds_two_arms(tmp_path):
     assert (saved["runs"]["cold_start"]["0"]["init_params_sha256"]
             != saved["runs"]["cold_start"]["1"]["init_params_sha256"])
     assert "zpd_share" in saved["diagnostics"]["tapo"]
+    m = saved["machine"]
+    assert m["backend"] == "cpu" and m["cpu_count"] >= 1 and m["jax"] == jax.__version__
+    assert f"jax {jax.__version__}" in md and saved["seconds"] > 0
     assert report["table"]["tapo"]["pass@1"]["n"] == 2
     cold = [saved["per_seed"]["cold_start"][s]["pass@1"] for s in ("0", "1")]
     assert saved["cold_start_spread"] == pytest.approx(max(cold) - min(cold))
