@@ -107,6 +107,7 @@ def _train(tmp_path, name, cache, *, processes, devices, extra=()):
     return out, metrics
 
 
+@pytest.mark.slow
 def test_sampler_tokens_do_not_depend_on_the_process_count(tmp_path, cache_dir):
     """2 processes x 2 devices (subprocesses) against 1 process x 4 devices (this one)."""
     import jax
@@ -134,6 +135,7 @@ def _comparable(record: dict) -> dict:
             if k != "time" and not k.startswith(("time/", "tokens_per_s/"))}
 
 
+@pytest.mark.slow
 def test_two_processes_train_evaluate_checkpoint_and_resume_like_one(tmp_path, cache_dir):
     many, m_first = _train(tmp_path, "many", cache_dir, processes=2, devices=2,
                            extra=["train.steps=2"])
@@ -171,6 +173,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume_like_one(tmp_path, c
     assert (many / "eval" / "eval.md").read_text() == (one / "eval" / "eval.md").read_text()
 
 
+@pytest.mark.slow
 def test_killed_process_makes_its_peer_exit(tmp_path, cache_dir):
     """Process 1 is killed during the RL loop; process 0 exits non-zero within the heartbeat
     timeout (plus slack), instead of waiting forever in a collective."""

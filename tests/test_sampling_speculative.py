@@ -85,6 +85,7 @@ def test_stops_budget_and_logprobs(tiny):
     assert "stop" in ro.finish_reason
 
 
+@pytest.mark.slow
 def test_same_samples_for_any_slot_count_and_on_a_sharded_mesh(tiny, hf_checkpoint):
     """Token g of a request draws with fold_in(request key, g) in speculative steps too: the
     samples do not depend on the slot count, the chunk or the mesh."""

@@ -31,6 +31,7 @@ def test_t_interval_by_hand():
     assert t_interval([0.5])["half_width"] is None
 
 
+@pytest.mark.slow
 def test_study_two_seeds_two_arms(tmp_path):
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(yaml.safe_dump({

@@ -54,6 +54,7 @@ def _run(tmp_path, name, *extra):
     return summary, records
 
 
+@pytest.mark.slow
 def test_cold_start_then_tapo(tmp_path):
     summary, records = _run(tmp_path, "tapo", "cold_start.enabled=true",
                             "eval.before_and_after=true", "train.export_hf=true")
@@ -106,6 +107,7 @@ def test_baselines_run(tmp_path, algorithm):
         assert "tapo/constructions_attempted" not in records[-1]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     """A run killed during step 3 (of 3, cosine schedule) and resumed from its step-2
     checkpoint logs the step-3 metrics of the uninterrupted run."""
@@ -138,6 +140,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         _run(tmp_path, "resumed", "train.steps=4", "train.resume=true", "train.seed=1")
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_an_earlier_runs_directory(tmp_path):
     """Checkpoints of an earlier run would stand in for the new run's: a clear error, unless
     the run resumes it or overwrites it."""
