@@ -10,7 +10,9 @@ builds them (``--data-seed`` picks their problems and slips), runs the policy te
 over prompt + target, and reports, for the decision tokens and for every other target token,
 the share where the policy's most likely token is the target's (``argmax_acc``) and the mean
 negative log-likelihood, plus the share of examples whose decisions are all right. The analysis
-and reconstruction decisions are also reported apart.
+and reconstruction decisions are also reported apart, and so are the other tokens of the
+erroneous line the reconstruction copies before its reflection (``error_line``: a verbatim
+prefix needs the wrong value there, where the reference shows another).
 
     python benchmarks/decision_accuracy.py --config configs/demo.yaml --checkpoint runs/demo/hf
     python benchmarks/decision_accuracy.py --checkpoint RUN/hf --examples 512 cold_start.analysis=compare
@@ -55,13 +57,19 @@ def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
     tok = policy.tokenizer
     rows = sft_examples.tokenize_pairs(data.constructions, tok, chat=cfg.data.chat_template)
     encode = _encode(tok)
-    kinds: list[np.ndarray] = []  # per row and target token: 0 other, 1 analysis dec., 2 recon.
+    # per row and target token: 0 other, 1 analysis decision, 2 reconstruction decision,
+    # 3 the rest of the erroneous line the reconstruction copies before its reflection
+    kinds: list[np.ndarray] = []
     dropped = 0
     for (_, target), (_, r_ids) in zip(data.constructions, rows):
         idx, d = sft_examples.decision_token_indices(target, encode, cs.analysis)
         dropped += d
         recon_at = len(encode(target[:target.find("<reconstruction>")]))
         k = np.zeros(len(r_ids), np.int8)
+        span = sft_examples.error_line_span(target)
+        tspan = span and sft_examples.token_span(target, span, encode)
+        if tspan:
+            k[tspan[0]:tspan[1]] = 3
         for i in idx:
             k[i] = 2 if i >= recon_at else 1
         kinds.append(k)
@@ -74,9 +82,9 @@ def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
 
     length = max(len(p) + len(r) for p, r in rows)
     length = -(-length // 32) * 32
-    hit = {0: [], 1: [], 2: []}
-    nll = {0: [], 1: [], 2: []}
-    all_right = []
+    hit = {0: [], 1: [], 2: [], 3: []}
+    nll = {0: [], 1: [], 2: [], 3: []}
+    all_right, line_right = [], []
     pad = 0
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
@@ -93,12 +101,15 @@ def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
             tgt = np.asarray(r)
             ok = am[i, pos] == tgt
             lpt = lp[i, pos, tgt]
-            for kind in (0, 1, 2):
+            for kind in (0, 1, 2, 3):
                 sel = k == kind
                 hit[kind] += ok[sel].tolist()
                 nll[kind] += (-lpt[sel]).tolist()
-            if (k > 0).any():
-                all_right.append(bool(ok[k > 0].all()))
+            dec = (k == 1) | (k == 2)
+            if dec.any():
+                all_right.append(bool(ok[dec].all()))
+            if (k == 3).any():
+                line_right.append(bool(ok[k == 3].all()))
 
     def stats(v_hit, v_nll):
         return dict(tokens=len(v_hit),
@@ -109,9 +120,12 @@ def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
                 decision=stats(hit[1] + hit[2], nll[1] + nll[2]),
                 analysis_decision=stats(hit[1], nll[1]),
                 reconstruction_decision=stats(hit[2], nll[2]),
+                error_line=stats(hit[3], nll[3]),
                 other=stats(hit[0], nll[0]),
                 examples_all_decisions_right=(round(float(np.mean(all_right)), 4)
                                               if all_right else None),
+                examples_error_line_right=(round(float(np.mean(line_right)), 4)
+                                           if line_right else None),
                 decisions_dropped=dropped)
 
 

@@ -230,6 +230,9 @@ class ColdStartConfig:
     # the reconstruction up to its reflection: tapo_jax.data.sft_examples.decision_offsets);
     # every other token weighs 1 and the loss is still divided by the token count
     decision_weight: float = 1.0
+    # arithmetic task: the loss weight of the erroneous line each micro-reflective target copies
+    # from the wrong response right before its reflection (decision tokens keep decision_weight)
+    error_line_weight: float = 1.0
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
     # Each batch is drawn from one length group (examples padded to a multiple of
@@ -616,11 +619,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _require(c.analysis == "step" or (cfg.data.kind == "arithmetic" and c.data_path is None),
              source, "cold_start.analysis", f"{c.analysis!r} writes the arithmetic task's "
              "construction examples: it needs data.kind: arithmetic and no cold_start.data_path")
-    _require(c.decision_weight > 0, source, "cold_start.decision_weight",
-             f"must be > 0, got {c.decision_weight}")
-    _require(c.decision_weight == 1.0 or (cfg.data.kind == "arithmetic" and c.data_path is None),
-             source, "cold_start.decision_weight", "weights the arithmetic task's construction "
-             "examples: it needs data.kind: arithmetic and no cold_start.data_path")
+    for key in ("decision_weight", "error_line_weight"):
+        w = getattr(c, key)
+        _require(w > 0, source, f"cold_start.{key}", f"must be > 0, got {w}")
+        _require(w == 1.0 or (cfg.data.kind == "arithmetic" and c.data_path is None), source,
+                 f"cold_start.{key}", "weights the arithmetic task's construction examples: it "
+                 "needs data.kind: arithmetic and no cold_start.data_path")
     _require(c.target_pass1 is None or 0 < c.target_pass1 <= 1, source, "cold_start.target_pass1",
              f"must be in (0, 1] or null, got {c.target_pass1}")
     for key in ("check_every", "check_problems", "check_samples", "length_quantum"):

@@ -51,6 +51,8 @@ def write(tmp_path):
     ("cold_start:\n  length_quantum: 0\n", "cold_start.length_quantum"),
     ("cold_start:\n  decision_weight: 0\n", "cold_start.decision_weight"),
     ("cold_start:\n  decision_weight: 4\n  data_path: x.jsonl\n", "cold_start.decision_weight"),
+    ("cold_start:\n  error_line_weight: -1\n", "cold_start.error_line_weight"),
+    ("cold_start:\n  error_line_weight: 2\n  data_path: x.jsonl\n", "cold_start.error_line_weight"),
     ("sampling:\n  construction_draft_tokens: -2\n", "sampling.construction_draft_tokens"),
 ])
 def test_bad_value_names_key_and_file(write, text, key):

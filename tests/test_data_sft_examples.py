@@ -15,8 +15,10 @@ from tapo_jax.data.sft_examples import (
     construction_example,
     decision_offsets,
     decision_token_indices,
+    error_line_span,
     line_results,
     sft_batch,
+    token_span,
     weight_tokens,
 )
 from tapo_jax.construction.synthesis import build_synthesis_prompt, parse_construction, prefix_check
@@ -267,7 +269,7 @@ def test_weighted_decisions_land_on_their_tokens(problems, tok):
     assert dropped == 0 and len(decisions) == len(examples) == 12
     assert all(not x for x in decisions[:6]) and all(len(x) >= 2 for x in decisions[6:])
     batch, _ = sft_batch(examples, pad_id=tok.pad_token_id, length_buckets=(256,))
-    lm = weight_tokens(batch.loss_mask, decisions, 7.0)
+    lm = weight_tokens(batch.loss_mask, [{i: 7.0 for i in dec} for dec in decisions])
     tokens = np.asarray(batch.tokens)
     for b, ((_, target), dec) in enumerate(zip(d.solutions + d.constructions, decisions)):
         heavy = tokens[b][lm[b] == 7.0].tolist()
@@ -279,3 +281,43 @@ def test_weighted_decisions_land_on_their_tokens(problems, tok):
         # every other trained token keeps weight 1; the mask's support is unchanged
         assert ((lm[b] > 0) == (np.asarray(batch.loss_mask)[b] > 0)).all()
         assert set(np.unique(lm[b][lm[b] > 0])) <= {1.0, 7.0}
+
+
+def test_error_line_is_the_copied_line_before_the_reflection(tok):
+    t = _TARGET["compare"]
+    a, b = error_line_span(t)
+    assert t[a:b] == "15 + 18 = 33"  # y-'s erroneous line 2, copied
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ta, tb = token_span(t, (a, b), enc)
+    assert tok.decode(enc(t)[ta:tb]) == "15 + 18 = 33"
+    # the reflection first (error at line 1 of a one-line prefix): the line is line 1
+    one = "<analysis>Step 1: sign error.</analysis>\n<reconstruction>3 - 1 = 4\nWait, 3 - 1 = 2, "\
+          "not 4.\n\\boxed{2}</reconstruction>"
+    a, b = error_line_span(one)
+    assert one[a:b] == "3 - 1 = 4"
+    assert error_line_span(one.replace("3 - 1 = 4\nWait", "Wait")) is None
+    assert error_line_span("<analysis>Step 1: x.</analysis>\n<reconstruction>1 + 1 = 2"
+                           "</reconstruction>") is None
+
+
+def test_cold_start_token_weights(problems, tok):
+    """The config's weights: the erroneous line's tokens, then the decision tokens over them."""
+    from tapo_jax.config import load_config
+    from tapo_jax.train.sft import cold_start_data
+
+    cfg = load_config("configs/demo.yaml", ["cold_start.decision_weight=5",
+                                            "cold_start.error_line_weight=3",
+                                            "cold_start.construction_fraction=0.5"])
+    rows, weights = cold_start_data(cfg, tok, problems[:10])
+    d = build_cold_start(problems[:10], seed=cfg.train.seed, construction_fraction=0.5,
+                         reference_slip_fraction=cfg.cold_start.reference_slip_fraction)
+    assert len(rows) == len(weights) == 20 and all(not w for w in weights[:10])
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for (_, target), w in zip(d.constructions, weights[10:]):
+        dec, _ = decision_token_indices(target, enc)
+        ta, tb = token_span(target, error_line_span(target), enc)
+        assert {i for i, x in w.items() if x == 5.0} == set(dec)
+        assert {i for i, x in w.items() if x == 3.0} == set(range(ta, tb)) - set(dec)
+    base, none = cold_start_data(load_config("configs/demo.yaml", [
+        "cold_start.construction_fraction=0.5"]), tok, problems[:10])
+    assert none is None and base == rows

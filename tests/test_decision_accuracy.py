@@ -36,11 +36,13 @@ def test_decision_report_equals_the_training_logprobs_at_the_decision_tokens():
         reference_slip_fraction=cfg.cold_start.reference_slip_fraction)
     rows = sft_examples.tokenize_pairs(data.constructions, policy.tokenizer)
     encode = lambda t: policy.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    nll = {"a": [], "r": [], "o": []}
+    nll = {"a": [], "r": [], "e": [], "o": []}
     for (_, target), (p, r) in zip(data.constructions, rows):
         idx, dropped = sft_examples.decision_token_indices(target, encode)
         assert dropped == 0
         recon_at = len(encode(target[:target.find("<reconstruction>")]))
+        line = range(*sft_examples.token_span(target, sft_examples.error_line_span(target),
+                                              encode))
         # one row, right-padded to a fixed length (causal: the padding changes nothing before)
         ids = list(p) + list(r)
         seq = np.zeros((1, 320), np.int32)
@@ -51,13 +53,14 @@ def test_decision_report_equals_the_training_logprobs_at_the_decision_tokens():
                                jnp.asarray(pos), jnp.asarray(mask))
         lp = np.asarray(lp)[0, len(p):]
         for j in range(len(r)):
-            key = ("r" if j >= recon_at else "a") if j in idx else "o"
+            key = ("r" if j >= recon_at else "a") if j in idx else ("e" if j in line else "o")
             nll[key].append(-lp[j])
     assert rep["examples"] == n and rep["decisions_dropped"] == 0
     assert rep["analysis_decision"]["tokens"] == len(nll["a"]) == n  # one step number each
     assert rep["reconstruction_decision"]["tokens"] == len(nll["r"]) >= n
     assert rep["other"]["tokens"] == len(nll["o"])
+    assert rep["error_line"]["tokens"] == len(nll["e"]) >= 5 * n  # e.g. "3 - 1 = 4" less its start
     for key, name in (("a", "analysis_decision"), ("r", "reconstruction_decision"),
-                      ("o", "other")):
+                      ("e", "error_line"), ("o", "other")):
         np.testing.assert_allclose(rep[name]["nll"], np.mean(nll[key]), rtol=2e-3, atol=1e-4)
         assert 0.0 <= rep[name]["argmax_acc"] <= 1.0

@@ -45,12 +45,15 @@ __all__ = [
     "analysis_text",
     "build_cold_start",
     "cold_start_decisions",
+    "cold_start_error_lines",
     "cold_start_rows",
     "construction_example",
     "decision_offsets",
     "decision_token_indices",
+    "error_line_span",
     "line_results",
     "sft_batch",
+    "token_span",
     "tokenize_pairs",
     "weight_tokens",
 ]
@@ -148,6 +151,36 @@ def decision_offsets(target: str, analysis: str = "step") -> list[int]:
             starts = np.cumsum([0] + [len(ln) + 1 for ln in lines[:-1]])
             out += [r0 + int(starts[i]) for i in range(1, k + 1)]
     return sorted(set(out))
+
+
+def error_line_span(target: str) -> tuple[int, int] | None:
+    """Character span ``[start, end)`` of the reconstruction's erroneous line, the line right
+    before its reflection, which a micro-reflective target copies verbatim from the wrong
+    response (without its newline). None without a reflection line, or with the reflection
+    first."""
+    part = _between(target, _RECON)
+    if part is None:
+        return None
+    r0, text = part
+    lines = text.split("\n")
+    k = reflection_line_index(lines)
+    if not k:
+        return None
+    start = r0 + sum(len(ln) + 1 for ln in lines[:k - 1])
+    return start, start + len(lines[k - 1])
+
+
+def token_span(target: str, span: tuple[int, int], encode: Any) -> tuple[int, int] | None:
+    """Token indices ``[a, b)`` of ``encode(target)`` covering the character ``span``, or None
+    when a boundary of the span falls inside a token."""
+    whole = list(encode(target))
+    bounds = []
+    for c in span:
+        head = list(encode(target[:c])) if c else []
+        if whole[:len(head)] != head:
+            return None
+        bounds.append(len(head))
+    return (bounds[0], bounds[1]) if bounds[0] < bounds[1] else None
 
 
 def decision_token_indices(target: str, encode: Any, analysis: str = "step"
@@ -294,18 +327,36 @@ def cold_start_decisions(data: ColdStartData, tokenizer: Any, analysis: str = "s
     return out, dropped
 
 
-def weight_tokens(loss_mask: np.ndarray, decisions: Sequence[Sequence[int]], weight: float
-                  ) -> np.ndarray:
-    """``loss_mask`` [B, T] (of :func:`sft_batch`) with its rows' decision tokens weighted:
-    row b's k-th trained token gets ``weight`` for each k in ``decisions[b]`` (indices past the
-    row's trained tokens, cut by truncation, are ignored). Rows past ``decisions`` are left."""
+def cold_start_error_lines(data: ColdStartData, tokenizer: Any) -> tuple[list[list[int]], int]:
+    """Per example of :func:`cold_start_rows` (same order), the response-token indices of the
+    erroneous line its reconstruction copies before the reflection (:func:`error_line_span`;
+    none for solutions and ``full`` reconstructions), and the number of lines left out because a
+    boundary fell inside a token."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out: list[list[int]] = [[] for _ in data.solutions]
+    dropped = 0
+    for _, target in data.constructions:
+        span = error_line_span(target)
+        tspan = token_span(target, span, encode) if span else None
+        dropped += bool(span) and tspan is None
+        out.append(list(range(*tspan)) if tspan else [])
+    return out, dropped
+
+
+def weight_tokens(loss_mask: np.ndarray, weights: Sequence[dict[int, float]]) -> np.ndarray:
+    """``loss_mask`` [B, T] (of :func:`sft_batch`) with its rows' tokens weighted: row b's k-th
+    trained token gets ``weights[b][k]`` (indices past the row's trained tokens, cut by
+    truncation, are ignored). Rows past ``weights`` are left."""
     out = np.array(loss_mask, np.float32, copy=True)
-    for b, idx in enumerate(decisions):
-        if not len(idx):
+    for b, row in enumerate(weights):
+        if not row:
             continue
         cols = np.flatnonzero(out[b] > 0)
-        idx = np.asarray(idx, np.int64)
-        out[b, cols[idx[idx < len(cols)]]] = weight
+        for k, w in row.items():
+            if k < len(cols):
+                out[b, cols[k]] = w
     return out
 
 

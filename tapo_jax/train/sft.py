@@ -40,9 +40,11 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
 
 
 def cold_start_data(cfg: Config, tokenizer: Any, problems: list[Any]
-                    ) -> tuple[list[tuple[list[int], list[int]]], Optional[list[list[int]]]]:
-    """The examples (:func:`cold_start_examples`) and, with ``cold_start.decision_weight`` != 1,
-    each example's decision-token indices (``sft_examples.cold_start_decisions``; else None)."""
+                    ) -> tuple[list[tuple[list[int], list[int]]], Optional[list[dict[int, float]]]]:
+    """The examples (:func:`cold_start_examples`) and, with ``cold_start.decision_weight`` or
+    ``error_line_weight`` != 1, each example's weighted response tokens ({index: weight}; the
+    erroneous line of ``sft_examples.cold_start_error_lines``, then the decision tokens of
+    ``sft_examples.cold_start_decisions`` over it); else None."""
     cs = cfg.cold_start
     if cs.data_path is not None:
         rows = read_rows(cs.data_path)
@@ -63,17 +65,25 @@ def cold_start_data(cfg: Config, tokenizer: Any, problems: list[Any]
         reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis)
     rows = sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
                                         chat=cfg.data.chat_template)
-    if cs.decision_weight == 1.0:
+    if cs.decision_weight == 1.0 and cs.error_line_weight == 1.0:
         return rows, None
-    decisions, dropped = sft_examples.cold_start_decisions(data, tokenizer, cs.analysis)
-    n = sum(len(d) for d in decisions)
-    log.info("cold start: %d decision tokens in %d construction examples weighted %g (%d "
-             "decision offsets inside a token left at 1)", n, len(data.constructions),
-             cs.decision_weight, dropped)
-    if n == 0:
-        raise ConfigError("cold_start.decision_weight: no decision token found in the "
-                          "construction examples (the tokenizer splits none at a decision)")
-    return rows, decisions
+    weights: list[dict[int, float]] = [{} for _ in rows]
+    for key, w, find in (
+            ("error_line_weight", cs.error_line_weight, sft_examples.cold_start_error_lines),
+            ("decision_weight", cs.decision_weight,
+             lambda d, t: sft_examples.cold_start_decisions(d, t, cs.analysis))):
+        if w == 1.0:
+            continue
+        found, dropped = find(data, tokenizer)
+        n = sum(len(f) for f in found)
+        log.info("cold start: %d tokens in %d construction examples weighted %g (%s; %d left "
+                 "at 1: a boundary inside a token)", n, len(data.constructions), w, key, dropped)
+        if n == 0:
+            raise ConfigError(f"cold_start.{key}: no such token found in the construction "
+                              "examples (the tokenizer splits none at the boundaries)")
+        for row, idx in zip(weights, found):
+            row.update({i: w for i in idx})
+    return rows, weights
 
 
 def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokenizer: Any,
@@ -96,7 +106,7 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         log.warning("cold start: no accuracy check runs before the cap (cold_start.steps %d, "
                     "check_every %d, check_from %d): it runs all %d steps", cs.steps,
                     cs.check_every, cs.check_from, cs.steps)
-    examples, decisions = cold_start_data(cfg, tokenizer, problems)
+    examples, token_weights = cold_start_data(cfg, tokenizer, problems)
     if not examples:
         raise ConfigError("cold start: no examples")
     groups = length_groups(examples, quantum=cs.length_quantum)
@@ -121,9 +131,9 @@ def run_cold_start(cfg: Config, *, graphdef: Any, state: Any, mesh: Any, tokeniz
         batch, stats = sft_examples.sft_batch(
             [examples[members[i]] for i in idx], pad_id=pad, length_buckets=(L,),
             row_buckets=(batch_size,), max_len=L)
-        if decisions is not None:
+        if token_weights is not None:
             batch = batch.replace(loss_mask=sft_examples.weight_tokens(
-                batch.loss_mask, [decisions[members[i]] for i in idx], cs.decision_weight))
+                batch.loss_mask, [token_weights[members[i]] for i in idx]))
         tokens += stats.response_tokens
         if cs.packing:
             batch, _ = pack_batch(batch, micro_batch_size=cfg.train.micro_batch_size,
