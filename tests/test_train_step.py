@@ -206,23 +206,29 @@ def test_logprob_fn_matches_numpy_softmax(setup):
     assert lp.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
 
 
+def _weighted_nll(logits, batch, weights):
+    """Independent: sum over the real rows' trained tokens (weights > 0) of weight x NLL of token
+    t from the logits at t-1, and the number of those tokens."""
+    total, count = 0.0, 0
+    for b in range(B):
+        if batch.row_mask[b] == 0:
+            continue
+        for t in range(1, T):
+            if weights[b, t] > 0:
+                z = logits[b, t - 1]
+                lse = z.max() + np.log(np.exp(z - z.max()).sum())
+                total += weights[b, t] * (lse - z[batch.tokens[b, t]])
+                count += 1
+    return total, count
+
+
 def test_sft_loss_is_token_mean_nll(setup):
     cfg, mesh8, _, graphdef, state8, _ = setup
     batch = make_batch(seed=2)
     logits = numpy_logits(graphdef, state8.params, batch)
     step = make_train_step(graphdef, cfg, mesh8, kind="sft", chunk_size=CHUNK, donate=False)
     _, m = step(state8, place_batch(batch, mesh8))
-    # Independent: NLL of token t from the logits at t-1, mean over trained tokens of real rows.
-    total, count = 0.0, 0
-    for b in range(B):
-        if batch.row_mask[b] == 0:
-            continue
-        for t in range(1, T):
-            if batch.loss_mask[b, t]:
-                z = logits[b, t - 1]
-                lse = z.max() + np.log(np.exp(z - z.max()).sum())
-                total += lse - z[batch.tokens[b, t]]
-                count += 1
+    total, count = _weighted_nll(logits, batch, np.asarray(batch.loss_mask, np.float32))
     np.testing.assert_allclose(float(m["loss"]), total / count, rtol=1e-5)
     assert float(m["num_tokens"]) == count
     # cold-start optimizer: lr from cold_start (warmup 20 steps from 0)
@@ -242,16 +248,7 @@ def test_sft_loss_weights_tokens_and_divides_by_their_count(setup):
     logits = numpy_logits(graphdef, state8.params, batch)
     step = make_train_step(graphdef, cfg, mesh8, kind="sft", chunk_size=CHUNK, donate=False)
     _, m = step(state8, place_batch(weighted, mesh8))
-    total, count = 0.0, 0
-    for b in range(B):
-        if batch.row_mask[b] == 0:
-            continue
-        for t in range(1, T):
-            if lm[b, t] > 0:
-                z = logits[b, t - 1]
-                lse = z.max() + np.log(np.exp(z - z.max()).sum())
-                total += lm[b, t] * (lse - z[batch.tokens[b, t]])
-                count += 1
+    total, count = _weighted_nll(logits, batch, lm)
     assert (lm[np.asarray(batch.row_mask) > 0] == 5.0).any()
     np.testing.assert_allclose(float(m["loss"]), total / count, rtol=1e-5)
     assert float(m["num_tokens"]) == count
