@@ -17,11 +17,10 @@ template at tokenisation, and each response ends with the end-of-turn token, whi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import re
 
 import numpy as np
 
@@ -170,30 +169,31 @@ def error_line_span(target: str) -> tuple[int, int] | None:
     return start, start + len(lines[k - 1])
 
 
+def _token_index(whole: list[int], target: str, c: int, encode: Any) -> int | None:
+    """The index in ``whole = encode(target)`` of the token that starts at character ``c``, or
+    None when ``c`` falls inside a token (``encode(target[:c])`` is not a prefix of ``whole``)."""
+    head = list(encode(target[:c])) if c else []
+    return len(head) if whole[:len(head)] == head else None
+
+
 def token_span(target: str, span: tuple[int, int], encode: Any) -> tuple[int, int] | None:
     """Token indices ``[a, b)`` of ``encode(target)`` covering the character ``span``, or None
     when a boundary of the span falls inside a token."""
     whole = list(encode(target))
-    bounds = []
-    for c in span:
-        head = list(encode(target[:c])) if c else []
-        if whole[:len(head)] != head:
-            return None
-        bounds.append(len(head))
-    return (bounds[0], bounds[1]) if bounds[0] < bounds[1] else None
+    a, b = (_token_index(whole, target, c, encode) for c in span)
+    return (a, b) if a is not None and b is not None and a < b else None
 
 
 def decision_token_indices(target: str, encode: Any, analysis: str = "step"
                            ) -> tuple[list[int], int]:
     """Token indices in ``encode(target)`` of the :func:`decision_offsets`: the token that starts
-    at each offset. An offset is kept only where ``encode`` of the text before it is a prefix of
-    ``encode(target)`` that ends there (a token boundary); returns (indices, offsets dropped)."""
+    at each offset. An offset inside a token is left out; returns (indices, offsets left out)."""
     whole = list(encode(target))
     out, dropped = [], 0
     for c in decision_offsets(target, analysis):
-        head = list(encode(target[:c])) if c else []
-        if len(head) < len(whole) and whole[:len(head)] == head:
-            out.append(len(head))
+        i = _token_index(whole, target, c, encode)
+        if i is not None and i < len(whole):
+            out.append(i)
         else:
             dropped += 1
     return out, dropped
