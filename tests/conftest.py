@@ -44,13 +44,6 @@ def pytest_configure(config):
         "host<->device transfer)")
 
 
-def pytest_collection_modifyitems(config, items):
-    # the long end-to-end cases (marked slow) first: under xdist (-n 2) they then run beside the
-    # short ones from the start instead of alone at the end. The sort is stable, so the order
-    # is otherwise the collection order, the same on every worker.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def _transfer_guard(request):
     if request.node.get_closest_marker("transfer_guard") is None:
