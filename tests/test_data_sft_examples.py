@@ -11,7 +11,7 @@ from tapo_jax.data.sft_examples import (
     analysis_text,
     build_cold_start,
     cold_start_rows,
-    cold_start_decisions,
+    cold_start_token_weights,
     construction_example,
     decision_offsets,
     decision_token_indices,
@@ -265,8 +265,11 @@ def test_decision_tokens_are_the_tokens_at_the_offsets(tok):
 def test_weighted_decisions_land_on_their_tokens(problems, tok):
     d = build_cold_start(problems[:6], seed=4, construction_fraction=0.5)
     examples = cold_start_rows(d, tok)
-    decisions, dropped = cold_start_decisions(d, tok)
-    assert dropped == 0 and len(decisions) == len(examples) == 12
+    weights, counts = cold_start_token_weights(d, tok, decision_weight=7.0)
+    decisions = [sorted(w) for w in weights]
+    assert counts["decision_dropped"] == 0 and counts["error_line"] == 0
+    assert len(decisions) == len(examples) == 12 and set(weights[6]) and all(
+        x == 7.0 for w in weights for x in w.values())
     assert all(not x for x in decisions[:6]) and all(len(x) >= 2 for x in decisions[6:])
     batch, _ = sft_batch(examples, pad_id=tok.pad_token_id, length_buckets=(256,))
     lm = weight_tokens(batch.loss_mask, [{i: 7.0 for i in dec} for dec in decisions])

@@ -43,9 +43,8 @@ __all__ = [
     "ColdStartData",
     "analysis_text",
     "build_cold_start",
-    "cold_start_decisions",
-    "cold_start_error_lines",
     "cold_start_rows",
+    "cold_start_token_weights",
     "construction_example",
     "decision_offsets",
     "decision_token_indices",
@@ -310,39 +309,35 @@ def cold_start_rows(data: ColdStartData, tokenizer: Any, *, prompt_template: str
             + tokenize_pairs(data.constructions, tokenizer, chat=chat))
 
 
-def cold_start_decisions(data: ColdStartData, tokenizer: Any, analysis: str = "step"
-                         ) -> tuple[list[list[int]], int]:
-    """Per example of :func:`cold_start_rows` (same order), the response-token indices of its
-    decisions (:func:`decision_token_indices`; none for solutions), and the number of decision
-    offsets dropped because they fell inside a token."""
+def cold_start_token_weights(data: ColdStartData, tokenizer: Any, *, analysis: str = "step",
+                             decision_weight: float = 1.0, error_line_weight: float = 1.0
+                             ) -> tuple[list[dict[int, float]], dict[str, int]]:
+    """Per example of :func:`cold_start_rows` (same order), ``{response-token index: weight}``:
+    the tokens of the erroneous line (:func:`error_line_span`) at ``error_line_weight``, then the
+    decision tokens (:func:`decision_token_indices`) at ``decision_weight`` over them; a weight
+    of 1 adds nothing, and solutions get none. Also returns counts: ``decision`` /
+    ``error_line`` tokens weighted, and ``*_dropped`` boundaries that fell inside a token."""
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    out: list[list[int]] = [[] for _ in data.solutions]
-    dropped = 0
+    out: list[dict[int, float]] = [{} for _ in data.solutions]
+    counts = dict(decision=0, decision_dropped=0, error_line=0, error_line_dropped=0)
     for _, target in data.constructions:
-        idx, d = decision_token_indices(target, encode, analysis)
-        out.append(idx)
-        dropped += d
-    return out, dropped
-
-
-def cold_start_error_lines(data: ColdStartData, tokenizer: Any) -> tuple[list[list[int]], int]:
-    """Per example of :func:`cold_start_rows` (same order), the response-token indices of the
-    erroneous line its reconstruction copies before the reflection (:func:`error_line_span`;
-    none for solutions and ``full`` reconstructions), and the number of lines left out because a
-    boundary fell inside a token."""
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    out: list[list[int]] = [[] for _ in data.solutions]
-    dropped = 0
-    for _, target in data.constructions:
-        span = error_line_span(target)
-        tspan = token_span(target, span, encode) if span else None
-        dropped += bool(span) and tspan is None
-        out.append(list(range(*tspan)) if tspan else [])
-    return out, dropped
+        row: dict[int, float] = {}
+        if error_line_weight != 1.0:
+            span = error_line_span(target)
+            tspan = token_span(target, span, encode) if span else None
+            counts["error_line_dropped"] += bool(span) and tspan is None
+            if tspan:
+                row.update(dict.fromkeys(range(*tspan), error_line_weight))
+                counts["error_line"] += tspan[1] - tspan[0]
+        if decision_weight != 1.0:
+            idx, dropped = decision_token_indices(target, encode, analysis)
+            row.update(dict.fromkeys(idx, decision_weight))
+            counts["decision"] += len(idx)
+            counts["decision_dropped"] += dropped
+        out.append(row)
+    return out, counts
 
 
 def weight_tokens(loss_mask: np.ndarray, weights: Sequence[dict[int, float]]) -> np.ndarray:

@@ -42,9 +42,8 @@ def cold_start_examples(cfg: Config, tokenizer: Any, problems: list[Any]
 def cold_start_data(cfg: Config, tokenizer: Any, problems: list[Any]
                     ) -> tuple[list[tuple[list[int], list[int]]], Optional[list[dict[int, float]]]]:
     """The examples (:func:`cold_start_examples`) and, with ``cold_start.decision_weight`` or
-    ``error_line_weight`` != 1, each example's weighted response tokens ({index: weight}; the
-    erroneous line of ``sft_examples.cold_start_error_lines``, then the decision tokens of
-    ``sft_examples.cold_start_decisions`` over it); else None."""
+    ``error_line_weight`` != 1, each example's weighted response tokens ({index: weight},
+    ``sft_examples.cold_start_token_weights``); else None."""
     cs = cfg.cold_start
     if cs.data_path is not None:
         rows = read_rows(cs.data_path)
@@ -67,22 +66,15 @@ def cold_start_data(cfg: Config, tokenizer: Any, problems: list[Any]
                                         chat=cfg.data.chat_template)
     if cs.decision_weight == 1.0 and cs.error_line_weight == 1.0:
         return rows, None
-    weights: list[dict[int, float]] = [{} for _ in rows]
-    for key, w, find in (
-            ("error_line_weight", cs.error_line_weight, sft_examples.cold_start_error_lines),
-            ("decision_weight", cs.decision_weight,
-             lambda d, t: sft_examples.cold_start_decisions(d, t, cs.analysis))):
-        if w == 1.0:
-            continue
-        found, dropped = find(data, tokenizer)
-        n = sum(len(f) for f in found)
-        log.info("cold start: %d tokens in %d construction examples weighted %g (%s; %d left "
-                 "at 1: a boundary inside a token)", n, len(data.constructions), w, key, dropped)
-        if n == 0:
-            raise ConfigError(f"cold_start.{key}: no such token found in the construction "
-                              "examples (the tokenizer splits none at the boundaries)")
-        for row, idx in zip(weights, found):
-            row.update({i: w for i in idx})
+    weights, counts = sft_examples.cold_start_token_weights(
+        data, tokenizer, analysis=cs.analysis, decision_weight=cs.decision_weight,
+        error_line_weight=cs.error_line_weight)
+    log.info("cold start: in %d construction examples, %s", len(data.constructions), counts)
+    for key in ("decision", "error_line"):
+        if getattr(cs, f"{key}_weight") != 1.0 and counts[key] == 0:
+            raise ConfigError(f"cold_start.{key}_weight: no such token found in the "
+                              "construction examples (the tokenizer splits none at the "
+                              "boundaries)")
     return rows, weights
 
 
