@@ -17,6 +17,14 @@ prefix needs the wrong value there, where the reference shows another).
     python benchmarks/decision_accuracy.py --config configs/demo.yaml --checkpoint runs/demo/hf
     python benchmarks/decision_accuracy.py --checkpoint RUN/hf --examples 512 cold_start.analysis=compare
 
+``--from-runs RUN ...`` (after the overrides) scores the construction prompts TAPO runs logged
+instead: the policy's own wrong and correct responses, the target the cold start would write
+for them. Split by whether the policy's reference is clean, this shows how far the decision
+learnt on the cold start's examples carries over to the responses RL actually pairs.
+
+    python benchmarks/decision_accuracy.py --checkpoint STUDY/seed0/cold_start/hf \
+        cold_start.analysis=compare --from-runs STUDY/seed0/tapo
+
 Prints one JSON line. Needs a checkpoint the config's model can load (an HF export, a run
 directory or a checkpoints directory).
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,13 +48,12 @@ def _encode(tokenizer):
 
 def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
                     batch_size: int = 32) -> dict:
-    import jax
-    import jax.numpy as jnp
-
+    """The scores on ``examples`` fresh construction examples, built as the cold start builds
+    them (problems and slips from ``data_seed``)."""
     from tapo_jax.construction.synthesis import resolve_style
     from tapo_jax.data import sft_examples
+    from tapo_jax.config import slip_kind_list
     from tapo_jax.data.arithmetic import cold_start_problems
-    from tapo_jax.models import qwen3
 
     cs = cfg.cold_start
     problems = cold_start_problems(cfg.data, data_seed, examples)
@@ -53,15 +61,96 @@ def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
         problems, seed=data_seed, construction_fraction=1.0,
         style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind),
         mode="full" if cfg.rl.construction == "full" else "micro",
-        reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis)
+        reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis,
+        slip_kinds=slip_kind_list(cs.slip_kinds))
+    return dict(score_pairs(cfg, policy, params, data.constructions, batch_size=batch_size),
+                analysis_style=cs.analysis, data_seed=data_seed)
+
+
+_PROMPT = re.compile(r"Q: (.*)\nWrong:\n(.*)\nRef:\n(.*)$", re.S)
+
+
+def logged_pairs(cfg, run_dirs) -> tuple[list[tuple[str, str]], list[bool], dict[str, int]]:
+    """(prompt, target) for every construction prompt the TAPO runs in ``run_dirs`` logged
+    (``examples.jsonl``): the prompt exactly as the policy saw it (its own wrong response and
+    its own correct response as the reference), the target as the cold start would write it
+    (the oracle's analysis in the ``cold_start.analysis`` style, then the reconstruction that
+    continues with the correct solution). Also whether each reference is clean (no wrong line:
+    a correct final answer can follow a wrong step and a cancelling one), and the counts of
+    records skipped because their prompt does not parse or their wrong response has no error
+    the oracle locates."""
+    from tapo_jax.construction.synthesis import resolve_style
+    from tapo_jax.data import sft_examples
+    from tapo_jax.data.arithmetic import Problem, first_error_step, parse_question
+
+    style = resolve_style(cfg.rl.synthesis_template, cfg.data.kind)
+    mode = "full" if cfg.rl.construction == "full" else "micro"
+    pairs, clean = [], []
+    skipped = {"unparsed_prompt": 0, "no_located_error": 0}
+    for run in run_dirs:
+        path = Path(run) / "examples.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file (a TAPO run directory logs it)")
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") != "construction":
+                continue
+            m = _PROMPT.search(r["prompt"])
+            try:
+                q, wrong, ref = m.groups()
+                problem = Problem(*parse_question(q))
+            except (AttributeError, ValueError):
+                skipped["unparsed_prompt"] += 1
+                continue
+            if first_error_step(q, wrong) is None:
+                skipped["no_located_error"] += 1
+                continue
+            try:
+                _, target = sft_examples.construction_example(
+                    problem, wrong, style=style, mode=mode, shown_reference=ref,
+                    analysis=cfg.cold_start.analysis)
+            except ValueError:  # nothing to fix: the wrong response is a prefix of the solution
+                skipped["no_located_error"] += 1
+                continue
+            pairs.append((r["prompt"], target))
+            clean.append(first_error_step(q, ref) is None)
+    return pairs, clean, skipped
+
+
+def logged_report(cfg, policy, params, run_dirs, *, batch_size: int = 32) -> dict:
+    """The scores on the construction prompts TAPO runs logged, overall and split by whether
+    the policy's own reference is clean: how far the decision learnt on the cold start's
+    examples carries to the policy's own responses."""
+    pairs, clean, skipped = logged_pairs(cfg, run_dirs)
+    if not pairs:
+        raise SystemExit("no logged construction prompt with a located error in "
+                         + ", ".join(map(str, run_dirs)))
+    out = dict(score_pairs(cfg, policy, params, pairs, batch_size=batch_size),
+               analysis_style=cfg.cold_start.analysis, runs=[str(r) for r in run_dirs],
+               skipped=skipped)
+    for name, want in (("clean_reference", True), ("unclean_reference", False)):
+        sub = [p for p, c in zip(pairs, clean) if c == want]
+        out[name] = score_pairs(cfg, policy, params, sub, batch_size=batch_size) if sub else None
+    return out
+
+
+def score_pairs(cfg, policy, params, pairs, *, batch_size: int = 32) -> dict:
+    """Teacher-forced scores of ``policy`` on construction (prompt, target) pairs."""
+    import jax
+    import jax.numpy as jnp
+
+    from tapo_jax.data import sft_examples
+    from tapo_jax.models import qwen3
+
+    cs = cfg.cold_start
     tok = policy.tokenizer
-    rows = sft_examples.tokenize_pairs(data.constructions, tok, chat=cfg.data.chat_template)
+    rows = sft_examples.tokenize_pairs(pairs, tok, chat=cfg.data.chat_template)
     encode = _encode(tok)
     # per row and target token: 0 other, 1 analysis decision, 2 reconstruction decision,
     # 3 the rest of the erroneous line the reconstruction copies before its reflection
     kinds: list[np.ndarray] = []
     dropped = 0
-    for (_, target), (_, r_ids) in zip(data.constructions, rows):
+    for (_, target), (_, r_ids) in zip(pairs, rows):
         idx, d = sft_examples.decision_token_indices(target, encode, cs.analysis)
         dropped += d
         recon_at = len(encode(target[:target.find("<reconstruction>")]))
@@ -116,7 +205,7 @@ def decision_report(cfg, policy, params, *, examples: int, data_seed: int,
                     argmax_acc=round(float(np.mean(v_hit)), 4) if v_hit else None,
                     nll=round(float(np.mean(v_nll)), 4) if v_nll else None)
 
-    return dict(examples=len(rows), analysis_style=cs.analysis, data_seed=data_seed,
+    return dict(examples=len(rows),
                 decision=stats(hit[1] + hit[2], nll[1] + nll[2]),
                 analysis_decision=stats(hit[1], nll[1]),
                 reconstruction_decision=stats(hit[2], nll[2]),
@@ -136,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--data-seed", type=int, default=12345,
                     help="seed of the examples' problems and slips (not a training seed)")
+    ap.add_argument("--from-runs", nargs="+", metavar="RUN",
+                    help="score the construction prompts these TAPO runs logged (their own "
+                         "responses) instead of fresh examples")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     a = ap.parse_args(argv)
 
@@ -147,8 +239,11 @@ def main(argv=None) -> int:
         raise SystemExit("decision_accuracy: the construction examples are the arithmetic "
                          "task's (data.kind = arithmetic)")
     policy, params = policy_for(cfg, a.checkpoint)
-    report = decision_report(policy.cfg, policy, params, examples=a.examples,
-                             data_seed=a.data_seed)
+    if a.from_runs:
+        report = logged_report(policy.cfg, policy, params, a.from_runs)
+    else:
+        report = decision_report(policy.cfg, policy, params, examples=a.examples,
+                                 data_seed=a.data_seed)
     report["checkpoint"] = a.checkpoint
     print(json.dumps(report))
     return 0

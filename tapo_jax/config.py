@@ -233,6 +233,11 @@ class ColdStartConfig:
     # arithmetic task: the loss weight of the erroneous line each micro-reflective target copies
     # from the wrong response right before its reflection (decision tokens keep decision_weight)
     error_line_weight: float = 1.0
+    # arithmetic task: the slips of the construction examples' wrong solutions, a comma-separated
+    # list of kinds drawn uniformly (a repeat weights its kind): digit, sign, skipped, operand,
+    # carry (the result off by one), tens (off by ten). "" = the first four, uniformly.
+    # `benchmarks/error_profile.py` shows which slips a policy makes itself.
+    slip_kinds: str = ""
     max_len: int = 0  # 0 = derived from the data
     data_path: Optional[str] = None  # prompt/response records (needed unless data.kind = arithmetic)
     # Each batch is drawn from one length group (examples padded to a multiple of
@@ -509,6 +514,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def slip_kind_list(text: str) -> tuple[str, ...]:
+    """``cold_start.slip_kinds`` as a tuple of kinds (``"carry, carry,tens"`` -> three)."""
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
 def _require(cond: bool, source: str, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{source}: '{key}' {msg}")
@@ -625,6 +635,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         _require(w == 1.0 or (cfg.data.kind == "arithmetic" and c.data_path is None), source,
                  f"cold_start.{key}", "weights the arithmetic task's construction examples: it "
                  "needs data.kind: arithmetic and no cold_start.data_path")
+    if c.slip_kinds:
+        from tapo_jax.data.arithmetic import ALL_SLIP_KINDS
+        kinds = slip_kind_list(c.slip_kinds)
+        bad = sorted(set(kinds) - set(ALL_SLIP_KINDS))
+        _require(not bad and kinds, source, "cold_start.slip_kinds",
+                 f"unknown kinds {bad} in {c.slip_kinds!r}; known: {', '.join(ALL_SLIP_KINDS)}")
+        _require(cfg.data.kind == "arithmetic" and c.data_path is None, source,
+                 "cold_start.slip_kinds", "writes the arithmetic task's construction examples: "
+                 "it needs data.kind: arithmetic and no cold_start.data_path")
     _require(c.target_pass1 is None or 0 < c.target_pass1 <= 1, source, "cold_start.target_pass1",
              f"must be in (0, 1] or null, got {c.target_pass1}")
     for key in ("check_every", "check_problems", "check_samples", "length_quantum"):

@@ -145,14 +145,15 @@ def test_oracle_locates_a_random_planted_result_error(seed, delta, data):
     assert A.first_error_step(p.question, "\n".join(lines)) == i
 
 
-@pytest.mark.parametrize("kind", A.SLIP_KINDS)
+@pytest.mark.parametrize("kind", A.ALL_SLIP_KINDS)
 def test_slips_are_wrong_at_the_stated_step_and_of_the_stated_kind(kind):
     rng = np.random.default_rng(1)
     problems = A.generate_problems(200, seed=1, min_steps=2, max_steps=3, operand_max=50)
     # a text alone can be ambiguous: "20 + 10" for "20 - 10 + 10" skips a step or flips a sign
     expected_kind = {"digit": {"arithmetic", "sign"}, "sign": {"sign"},
                      "skipped": {"skipped", "operand", "sign"},
-                     "operand": {"operand", "skipped", "sign"}}[kind]
+                     "operand": {"operand", "skipped", "sign"},
+                     "carry": {"arithmetic", "sign"}, "tens": {"arithmetic", "sign"}}[kind]
     made = 0
     for p in problems:
         s = A.make_slip(p, rng, kind)
@@ -165,6 +166,12 @@ def test_slips_are_wrong_at_the_stated_step_and_of_the_stated_kind(kind):
         # the slip is carried forward: the final boxed answer is wrong, lines before it are right
         assert not s.text.endswith(f"\\boxed{{{p.answer}}}")
         assert s.text.split("\n")[:s.step] == p.solution.split("\n")[:s.step]
+        if kind in ("carry", "tens"):  # the right operands, the result off by exactly 1 or 10
+            lhs, value = s.text.split("\n")[s.step].split(" = ")
+            true_lhs, true_value = p.solution.split("\n")[s.step].split(" = ")
+            assert lhs == true_lhs
+            assert abs(int(value) - int(true_value)) == (1 if kind == "carry" else 10)
+            assert int(value) >= 0
     assert made >= 150
 
 

@@ -324,3 +324,23 @@ def test_cold_start_token_weights(problems, tok):
     base, none = cold_start_data(load_config("configs/demo.yaml", [
         "cold_start.construction_fraction=0.5"]), tok, problems[:10])
     assert none is None and base == rows
+
+
+def test_slip_kinds_pick_the_wrong_solutions_slips(problems):
+    by_q = {p.question: p for p in problems}
+    d = build_cold_start(problems, seed=5, construction_fraction=1.0, slip_kinds=("carry", "tens"))
+    offs = []
+    for prompt, _ in d.constructions:
+        q = prompt.split("Q: ")[1].split("\n")[0]
+        wrong = prompt.split("Wrong:\n")[1].split("\nRef:")[0]
+        p = by_q[q]
+        k = A.first_error_step(q, wrong)
+        got = int(wrong.split("\n")[k].split(" = ")[1])
+        offs.append(abs(got - p.results[k]))
+    assert set(offs) == {1, 10}  # only the two kinds, both drawn
+    # an empty mix is the default draw
+    assert (build_cold_start(problems, seed=5, construction_fraction=1.0).constructions
+            == build_cold_start(problems, seed=5, construction_fraction=1.0,
+                                slip_kinds=()).constructions)
+    with pytest.raises(ValueError, match="unknown slip kinds"):
+        build_cold_start(problems, seed=5, slip_kinds=("carry", "typo"))

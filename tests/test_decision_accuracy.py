@@ -64,3 +64,39 @@ def test_decision_report_equals_the_training_logprobs_at_the_decision_tokens():
                       ("e", "error_line"), ("o", "other")):
         np.testing.assert_allclose(rep[name]["nll"], np.mean(nll[key]), rtol=2e-3, atol=1e-4)
         assert 0.0 <= rep[name]["argmax_acc"] <= 1.0
+
+
+def test_logged_pairs_rebuild_the_cold_start_target_for_the_policys_own_prompts(tmp_path):
+    import json
+
+    from tapo_jax.construction.synthesis import build_synthesis_prompt
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml",
+                      ["model.preset=tiny", "cold_start.analysis=compare"])
+    q = "Compute 5 + 14 + 24."
+    wrong = "5 + 14 = 18\n18 + 24 = 42\n\\boxed{42}"  # off by one at step 1, carried forward
+    clean = "5 + 14 = 19\n19 + 24 = 43\n\\boxed{43}"
+    unclean = "5 + 14 = 20\n20 + 24 = 43\n\\boxed{43}"  # right answer after a cancelled slip
+    recs = [{"step": 0, "kind": "construction", "prompt": build_synthesis_prompt(q, wrong, ref, style="compact"),
+             "output": "x"} for ref in (clean, unclean)]
+    recs += [{"step": 1, "kind": "reconstruction", "question": q},  # not a construction prompt
+             {"step": 1, "kind": "construction", "prompt": "garbage", "output": ""},
+             {"step": 1, "kind": "construction", "output": "",  # nothing to fix
+              "prompt": build_synthesis_prompt(q, clean, clean, style="compact")}]
+    run = tmp_path / "tapo"
+    run.mkdir()
+    (run / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs, is_clean, skipped = DA.logged_pairs(cfg, [run])
+    assert [p for p, _ in pairs] == [recs[0]["prompt"], recs[1]["prompt"]]
+    assert is_clean == [True, False]
+    assert skipped == {"unparsed_prompt": 1, "no_located_error": 1}
+    assert pairs[0][1] == ("<analysis>1. 18 | 19\nStep 1: arithmetic error.</analysis>\n"
+                           "<reconstruction>5 + 14 = 18\nWait, 5 + 14 = 19, not 18.\n"
+                           "19 + 24 = 43\n\\boxed{43}</reconstruction>")
+    assert pairs[1][1].startswith("<analysis>1. 18 | 20\nStep 1: arithmetic error.</analysis>")
+    policy = Policy(cfg)
+    rep = DA.logged_report(policy.cfg, policy, policy.params, [run], batch_size=4)
+    assert rep["examples"] == 2 and rep["skipped"] == skipped
+    assert rep["clean_reference"]["examples"] == rep["unclean_reference"]["examples"] == 1
+    one = DA.score_pairs(policy.cfg, policy, policy.params, pairs[:1], batch_size=4)
+    assert rep["clean_reference"] == one

@@ -36,6 +36,7 @@ from tapo_jax.data.datasets import Record
 __all__ = [
     "ANALYSIS_PHRASES",
     "SLIP_KINDS",
+    "ALL_SLIP_KINDS",
     "Line",
     "Problem",
     "Slip",
@@ -56,7 +57,10 @@ __all__ = [
     "trace_response",
 ]
 
-SLIP_KINDS = ("digit", "sign", "skipped", "operand")
+SLIP_KINDS = ("digit", "sign", "skipped", "operand")  # make_slip's default draw, uniform
+# every kind make_slip can write: also the result off by one (a carry or borrow slip in the ones
+# place) and off by ten (in the tens place), the slips a small policy makes most
+ALL_SLIP_KINDS = SLIP_KINDS + ("carry", "tens")
 # analysis wording per error kind (classify_error's codes)
 ANALYSIS_PHRASES = {
     "arithmetic": "arithmetic error",
@@ -430,7 +434,8 @@ def _wrong_operand(x: int, others: list[int], rng: np.random.Generator) -> int:
 def make_slip(problem: Problem, rng: np.random.Generator, kind: str | None = None) -> Slip | None:
     """An erroneous solution with one slip at a random step, carried forward to the end (later
     steps are computed correctly from the wrong value). None when the slip would leave the final
-    answer right or the kind does not apply (e.g. ``skipped`` with one operation)."""
+    answer right or the kind does not apply (e.g. ``skipped`` with one operation). ``kind`` is
+    one of ``ALL_SLIP_KINDS``; without it, one of ``SLIP_KINDS`` is drawn uniformly."""
     kind = kind or SLIP_KINDS[int(rng.integers(len(SLIP_KINDS)))]
     xs, ops = list(problem.operands), list(problem.ops)
     n = len(ops)
@@ -442,6 +447,12 @@ def make_slip(problem: Problem, rng: np.random.Generator, kind: str | None = Non
     r = rs[k]
     if kind == "digit":
         c = _wrong_digit(_apply(r, ops[k], xs[k + 1]), rng)
+        lines.append(_step(r, ops[k], xs[k + 1], c))
+        rest = list(zip(ops[k + 1:], xs[k + 2:]))
+    elif kind in ("carry", "tens"):
+        true = _apply(r, ops[k], xs[k + 1])
+        d = (1 if kind == "carry" else 10) * (1 if rng.random() < 0.5 else -1)
+        c = true + d if true + d >= 0 or true < 0 else true - d
         lines.append(_step(r, ops[k], xs[k + 1], c))
         rest = list(zip(ops[k + 1:], xs[k + 2:]))
     elif kind == "sign":
@@ -459,7 +470,7 @@ def make_slip(problem: Problem, rng: np.random.Generator, kind: str | None = Non
         lines.append(_step(r, ops[k], b, c))
         rest = list(zip(ops[k + 1:], xs[k + 2:]))
     else:
-        raise ValueError(f"unknown slip kind {kind!r}; known: {SLIP_KINDS}")
+        raise ValueError(f"unknown slip kind {kind!r}; known: {ALL_SLIP_KINDS}")
     for op, x in rest:
         c2 = _apply(c, op, x)
         lines.append(_step(c, op, x, c2))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tapo_jax.data.arithmetic import (
+    ALL_SLIP_KINDS,
     ANALYSIS_PHRASES,
     Problem,
     classify_error,
@@ -238,6 +239,7 @@ def build_cold_start(
     mode: str = "micro",
     reference_slip_fraction: float = 0.0,
     analysis: str = "step",
+    slip_kinds: Sequence[str] = (),
 ) -> ColdStartData:
     """Solutions for every problem plus construction examples, so that constructions make up
     ``construction_fraction`` of all examples (1.0: constructions only, one per problem).
@@ -248,7 +250,9 @@ def build_cold_start(
     its lines before the error equal the wrong response's, and a model that copies the prefix
     from the reference is never corrected; at RL time the policy's correct responses often
     differ from the wrong one before its error. ``analysis`` is the construction targets'
-    analysis style (:func:`analysis_text`)."""
+    analysis style (:func:`analysis_text`). ``slip_kinds`` (kinds of
+    :data:`~tapo_jax.data.arithmetic.ALL_SLIP_KINDS`, a repeat weighting its kind) is the mix
+    the wrong solutions' slips are drawn from; empty: ``make_slip``'s uniform default."""
     if analysis not in ANALYSIS_STYLES:
         raise ValueError(f"analysis style must be one of {ANALYSIS_STYLES}, got {analysis!r}")
     if not 0.0 <= reference_slip_fraction <= 1.0:
@@ -258,6 +262,9 @@ def build_cold_start(
         raise ValueError(f"construction_fraction must be in [0, 1], got {construction_fraction}")
     if not problems:
         raise ValueError("build_cold_start: no problems")
+    unknown = sorted(set(slip_kinds) - set(ALL_SLIP_KINDS))
+    if unknown:
+        raise ValueError(f"unknown slip kinds {unknown}; known: {ALL_SLIP_KINDS}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC01D]))
     ref_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC01D, 1]))
     data = ColdStartData()
@@ -269,7 +276,8 @@ def build_cold_start(
     failures = 0
     while len(data.constructions) < n_con:
         p = problems[int(rng.integers(len(problems)))]
-        slip = make_slip(p, rng)
+        kind = slip_kinds[int(rng.integers(len(slip_kinds)))] if slip_kinds else None
+        slip = make_slip(p, rng, kind)
         if slip is None:
             failures += 1
             if failures > 100 * n_con + 100:

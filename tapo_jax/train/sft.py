@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from tapo_jax.config import Config, ConfigError
+from tapo_jax.config import Config, ConfigError, slip_kind_list
 from tapo_jax.construction.synthesis import resolve_style
 from tapo_jax.data import sft_examples
 from tapo_jax.data.datasets import read_rows
@@ -61,7 +61,8 @@ def cold_start_data(cfg: Config, tokenizer: Any, problems: list[Any]
     data = sft_examples.build_cold_start(
         problems, seed=cfg.train.seed, construction_fraction=cs.construction_fraction,
         style=resolve_style(cfg.rl.synthesis_template, cfg.data.kind), mode=mode,
-        reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis)
+        reference_slip_fraction=cs.reference_slip_fraction, analysis=cs.analysis,
+        slip_kinds=slip_kind_list(cs.slip_kinds))
     rows = sft_examples.cold_start_rows(data, tokenizer, prompt_template=cfg.data.prompt_template,
                                         chat=cfg.data.chat_template)
     if cs.decision_weight == 1.0 and cs.error_line_weight == 1.0:
