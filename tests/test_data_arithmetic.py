@@ -242,3 +242,39 @@ def test_tokenizer_single_token_specials_and_chat_template(tok, tmp_path):
         assert t2(sample)["input_ids"] == tok(sample)["input_ids"]
         assert format_prompt("Compute 1 + 2.", t2) == text
         assert t2.eos_token_id == tok.eos_token_id and t2.pad_token_id == tok.pad_token_id
+
+
+@pytest.mark.parametrize("text, want", [
+    ("5 + 14 = 19\n19 + 24 = 43\n\\boxed{43}", None),
+    ("5 + 14 = 18\n18 + 24 = 42\n\\boxed{42}", "off_by_1"),
+    ("5 + 14 = 19\n19 + 24 = 45\n\\boxed{45}", "off_by_2"),
+    ("5 + 14 = 29\n29 + 24 = 53\n\\boxed{53}", "off_by_10"),
+    ("5 + 14 = 25\n25 + 24 = 49\n\\boxed{49}", "off_by_more"),
+    ("5 + 41 = 46\n46 + 24 = 70\n\\boxed{70}", "operands"),
+    ("5 - 14 = -9\n-9 + 24 = 15\n\\boxed{15}", "operands"),
+    ("5 + 14 = 19\n19 + 24 = 43\n\\boxed{44}", "other"),
+    ("5 + 14 = 19\nthe answer is 43", "other"),
+])
+def test_error_offset_by_hand(text, want):
+    assert A.error_offset("Compute 5 + 14 + 24.", text) == want
+
+
+def test_error_profile_of_the_cold_start_slips():
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("error_profile",
+                                                  root / "benchmarks" / "error_profile.py")
+    ep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ep)
+    from tapo_jax.config import load_config
+
+    cfg = load_config(root / "configs" / "demo.yaml", ["cold_start.slip_kinds=carry,tens"])
+    prof = ep.slip_profile(cfg, 400, seed=3)["first_error_offset"]
+    assert prof["errors"] == 400  # a carry or tens slip always changes the answer
+    assert prof["off_by_1"] + prof["off_by_10"] == 1.0 and 0.3 < prof["off_by_1"] < 0.7
+    default = ep.slip_profile(load_config(root / "configs" / "demo.yaml", []), 400, seed=3)
+    assert default["first_error_offset"]["operands"] > 0.3  # operand and skipped slips
+    json.dumps(default)

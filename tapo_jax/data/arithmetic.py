@@ -37,6 +37,8 @@ __all__ = [
     "ANALYSIS_PHRASES",
     "SLIP_KINDS",
     "ALL_SLIP_KINDS",
+    "OFFSET_CLASSES",
+    "error_offset",
     "Line",
     "Problem",
     "Slip",
@@ -343,6 +345,31 @@ def classify_error(question: str, response_text: str, step: int | None = None) -
     if line.a == a and (line.op, line.b) in later:
         return "skipped"
     return "operand"
+
+
+OFFSET_CLASSES = ("off_by_1", "off_by_2", "off_by_10", "off_by_more", "operands", "other")
+
+
+def error_offset(question: str, response_text: str, step: int | None = None) -> str | None:
+    """How far the first wrong step line's result is from the right one, given its (right)
+    operands: ``off_by_1`` (a carry or borrow slip), ``off_by_2``, ``off_by_10``, ``off_by_more``;
+    ``operands`` when the line computes with wrong operands or operator; ``other`` when the first
+    error is not a step line (the boxed answer, a missing or malformed line). None for a
+    correct answer."""
+    if step is None:
+        step = first_error_step(question, response_text)
+        if step is None:
+            return None
+    expected, _ = _expected(question)
+    lines = parse_steps(response_text)
+    if step >= len(expected) or step >= len(lines) or lines[step].kind != "step":
+        return "other"
+    a, op, b, c = expected[step]
+    line = lines[step]
+    if (line.a, line.op, line.b) != (a, op, b):
+        return "operands"
+    d = abs(line.result - c)
+    return {1: "off_by_1", 2: "off_by_2", 10: "off_by_10"}.get(d, "off_by_more")
 
 
 def reflection_phrase(wrong_line: str, correct_line: str) -> tuple[str, bool]:
