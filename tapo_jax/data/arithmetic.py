@@ -317,15 +317,23 @@ def first_error_step(question: str, response_text: str) -> int | None:
     return n + 1 if len(lines) > n + 1 else None
 
 
-def classify_error(question: str, response_text: str, step: int | None = None) -> str | None:
-    """Kind of the first error: arithmetic | sign | operand | skipped | answer | missing | format
-    (None for a correct answer)."""
+def _first_error(question: str, response_text: str, step: int | None
+                 ) -> tuple[int, list[tuple], list[Line]] | None:
+    """(first error step, the expected steps, the response's lines); None for a correct answer."""
     if step is None:
         step = first_error_step(question, response_text)
         if step is None:
             return None
-    expected, _ = _expected(question)
-    lines = parse_steps(response_text)
+    return step, _expected(question)[0], parse_steps(response_text)
+
+
+def classify_error(question: str, response_text: str, step: int | None = None) -> str | None:
+    """Kind of the first error: arithmetic | sign | operand | skipped | answer | missing | format
+    (None for a correct answer)."""
+    found = _first_error(question, response_text, step)
+    if found is None:
+        return None
+    step, expected, lines = found
     if step >= len(lines):
         return "missing"
     line = lines[step]
@@ -356,12 +364,10 @@ def error_offset(question: str, response_text: str, step: int | None = None) -> 
     ``operands`` when the line computes with wrong operands or operator; ``other`` when the first
     error is not a step line (the boxed answer, a missing or malformed line). None for a
     correct answer."""
-    if step is None:
-        step = first_error_step(question, response_text)
-        if step is None:
-            return None
-    expected, _ = _expected(question)
-    lines = parse_steps(response_text)
+    found = _first_error(question, response_text, step)
+    if found is None:
+        return None
+    step, expected, lines = found
     if step >= len(expected) or step >= len(lines) or lines[step].kind != "step":
         return "other"
     a, op, b, c = expected[step]
