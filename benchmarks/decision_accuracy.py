@@ -77,8 +77,8 @@ def logged_pairs(cfg, run_dirs) -> tuple[list[tuple[str, str]], list[bool], dict
     (the oracle's analysis in the ``cold_start.analysis`` style, then the reconstruction that
     continues with the correct solution). Also whether each reference is clean (no wrong line:
     a correct final answer can follow a wrong step and a cancelling one), and the counts of
-    records skipped because their prompt does not parse or their wrong response has no error
-    the oracle locates."""
+    records skipped because they are not JSON, their prompt does not parse, or their wrong
+    response has no error the oracle locates."""
     from tapo_jax.construction.synthesis import resolve_style
     from tapo_jax.data import sft_examples
     from tapo_jax.data.arithmetic import Problem, first_error_step, parse_question
@@ -86,16 +86,20 @@ def logged_pairs(cfg, run_dirs) -> tuple[list[tuple[str, str]], list[bool], dict
     style = resolve_style(cfg.rl.synthesis_template, cfg.data.kind)
     mode = "full" if cfg.rl.construction == "full" else "micro"
     pairs, clean = [], []
-    skipped = {"unparsed_prompt": 0, "no_located_error": 0}
+    skipped = {"unparsed_record": 0, "unparsed_prompt": 0, "no_located_error": 0}
     for run in run_dirs:
         path = Path(run) / "examples.jsonl"
         if not path.is_file():
             raise SystemExit(f"{path}: no such file (a TAPO run directory logs it)")
         for line in path.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("kind") != "construction":
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # e.g. a line cut short when its run was killed
+                skipped["unparsed_record"] += 1
                 continue
-            m = _PROMPT.search(r["prompt"])
+            if not isinstance(r, dict) or r.get("kind") != "construction":
+                continue
+            m = _PROMPT.search(str(r.get("prompt", "")))
             try:
                 q, wrong, ref = m.groups()
                 problem = Problem(*parse_question(q))

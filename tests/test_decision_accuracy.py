@@ -85,11 +85,12 @@ def test_logged_pairs_rebuild_the_cold_start_target_for_the_policys_own_prompts(
               "prompt": build_synthesis_prompt(q, clean, clean, style="compact")}]
     run = tmp_path / "tapo"
     run.mkdir()
-    (run / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs)
+                                        + '{"kind": "constr')  # cut short by a killed run
     pairs, is_clean, skipped = DA.logged_pairs(cfg, [run])
     assert [p for p, _ in pairs] == [recs[0]["prompt"], recs[1]["prompt"]]
     assert is_clean == [True, False]
-    assert skipped == {"unparsed_prompt": 1, "no_located_error": 1}
+    assert skipped == {"unparsed_record": 1, "unparsed_prompt": 1, "no_located_error": 1}
     assert pairs[0][1] == ("<analysis>1. 18 | 19\nStep 1: arithmetic error.</analysis>\n"
                            "<reconstruction>5 + 14 = 18\nWait, 5 + 14 = 19, not 18.\n"
                            "19 + 24 = 43\n\\boxed{43}</reconstruction>")
