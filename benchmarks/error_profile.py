@@ -96,7 +96,7 @@ def slip_profile(cfg, n: int, seed: int) -> dict:
     problems = A.cold_start_problems(cfg.data, seed, n)
     offsets: collections.Counter = collections.Counter()
     for p in problems:
-        slip = A.make_slip(p, rng, kinds[int(rng.integers(len(kinds)))] if kinds else None)
+        slip = A.draw_slip(p, rng, kinds)
         if slip is not None:
             offsets[A.error_offset(p.question, slip.text, slip.step)] += 1
     return dict(slips=n, seed=seed, slip_kinds=cfg.cold_start.slip_kinds or "(default)",

@@ -39,6 +39,7 @@ __all__ = [
     "ALL_SLIP_KINDS",
     "OFFSET_CLASSES",
     "error_offset",
+    "draw_slip",
     "Line",
     "Problem",
     "Slip",
@@ -511,6 +512,14 @@ def make_slip(problem: Problem, rng: np.random.Generator, kind: str | None = Non
     if c == problem.answer or lines[k] == solution_lines(xs, ops)[k]:
         return None
     return Slip("\n".join(lines + [f"\\boxed{{{c}}}"]), k, kind)
+
+
+def draw_slip(problem: Problem, rng: np.random.Generator, kinds: Sequence[str] = ()
+              ) -> Slip | None:
+    """:func:`make_slip` with its kind drawn uniformly from ``kinds`` (a repeat weights its kind);
+    empty: ``make_slip``'s own default draw, on the same random stream."""
+    kind = kinds[int(rng.integers(len(kinds)))] if kinds else None
+    return make_slip(problem, rng, kind)
 
 
 def compensated_reference(problem: Problem, rng: np.random.Generator) -> str:

@@ -30,8 +30,8 @@ from tapo_jax.data.arithmetic import (
     Problem,
     classify_error,
     compensated_reference,
+    draw_slip,
     first_error_step,
-    make_slip,
     reflection_phrase,
 )
 from tapo_jax.construction.diagnostics import reflection_line_index
@@ -276,8 +276,7 @@ def build_cold_start(
     failures = 0
     while len(data.constructions) < n_con:
         p = problems[int(rng.integers(len(problems)))]
-        kind = slip_kinds[int(rng.integers(len(slip_kinds)))] if slip_kinds else None
-        slip = make_slip(p, rng, kind)
+        slip = draw_slip(p, rng, slip_kinds)
         if slip is None:
             failures += 1
             if failures > 100 * n_con + 100:
