@@ -16,6 +16,10 @@ Fixtures for model tests:
     Weights are drawn N(0, std^2) and every RMSNorm weight 1 + N(0, std^2), larger than HF's
     init, so that attention patterns, rotary phases and the norms visibly shape the logits.
 
+A test whose xdist worker dies (a fatal signal in native code) is run once more on a fresh
+worker, and listed under "worker crashes" at the end; failed assertions are never rerun
+(tests/crash_rerun.py).
+
 Marker ``transfer_guard``: the test body runs under ``jax.transfer_guard("disallow")``, so an
 implicit host-to-device transfer (a NumPy array or Python scalar handed to a jitted function, an
 eager ``jnp`` op on host data) fails it; transfers that are meant are explicit
@@ -30,12 +34,15 @@ the guard.
 from __future__ import annotations
 
 import os
+import sys
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import pytest  # noqa: E402
+
+from crash_rerun import pytest_handlecrashitem, pytest_terminal_summary  # noqa: E402,F401
 
 
 def pytest_configure(config):
@@ -53,6 +60,17 @@ def _transfer_guard(request):
 
     with jax.transfer_guard("disallow"):
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each module's compiled programs are dropped after it, so a worker's memory stays bounded."""
+    yield
+    if "jax" in sys.modules:
+        import gc
+
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
