@@ -42,10 +42,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import pytest  # noqa: E402
 
-from crash_rerun import pytest_handlecrashitem, pytest_terminal_summary  # noqa: E402,F401
-
 
 def pytest_configure(config):
+    if not config.pluginmanager.has_plugin("crash_rerun"):
+        import crash_rerun
+
+        config.pluginmanager.register(crash_rerun, "crash_rerun")
     config.addinivalue_line(
         "markers", "transfer_guard: run under jax.transfer_guard('disallow') (no implicit "
         "host<->device transfer)")

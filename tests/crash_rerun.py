@@ -32,6 +32,12 @@ def pytest_handlecrashitem(crashitem, report, sched):
     return True
 
 
+def pytest_report_teststatus(report):
+    if report.outcome == "rerun":
+        return "rerun", "R", ("RERUN", {"yellow": True})
+    return None
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _crashes:
         return
