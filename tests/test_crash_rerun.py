@@ -51,7 +51,7 @@ def test_a_dead_worker_reruns_its_test_once_and_an_assertion_is_never_rerun(tmp_
     env = dict(os.environ, CRASH_MARKS=str(marks), PYTHONPATH=str(TESTS))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "crash_rerun",
-         "-p", "no:cacheprovider", "-p", "no:randomly", str(suite)],
+         "-p", "no:cacheprovider", str(suite)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
